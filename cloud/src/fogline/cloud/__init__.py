@@ -1,0 +1,1 @@
+"""Fogline cloud tier."""

@@ -1,0 +1,1 @@
+"""Fogline edge agent."""

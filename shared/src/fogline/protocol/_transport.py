@@ -1,0 +1,364 @@
+"""One small MQTT client for both tiers, over paho-mqtt 2.x.
+
+paho does the protocol, the network thread and the capped exponential reconnect
+backoff. This wrapper adds what Fogline needs on top:
+
+- jitter: the backoff base is re-drawn at random on every disconnect, so a fleet
+  does not reconnect in lock-step after a broker restart;
+- subscriptions that survive reconnects (re-sent on every CONNACK);
+- handlers that may raise without killing the network loop (logged and counted);
+- paho's return and reason codes translated to Fogline errors, in :func:`_check_rc`
+  and :func:`_connack_error` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from ._errors import (
+    BrokerUnavailableError,
+    ConfigError,
+    FoglineError,
+    NotConnectedError,
+    PublishError,
+    SubscribeError,
+    TransportError,
+)
+
+__all__ = ["Handler", "MqttMessage", "MqttSettings", "MqttTransport", "Will"]
+
+log = logging.getLogger("fogline.transport")
+
+
+class MqttSettings(BaseModel):
+    """How to reach the broker. ``url`` is ``mqtt://host:port`` or ``mqtts://host:port``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: SecretStr | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    reconnect_min_s: float = Field(default=0.5, gt=0, le=60)
+    reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)
+    max_inflight: int = Field(default=100, ge=1, le=65535)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+            raise ValueError("must look like mqtt://host:port or mqtts://host:port")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        return value
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme in ("mqtts", "ssl") else 1883)
+
+    @property
+    def uses_tls(self) -> bool:
+        return urlsplit(self.url).scheme in ("mqtts", "ssl") or self.tls_ca is not None
+
+
+@dataclass(frozen=True)
+class Will:
+    """The last will the broker publishes if this client dies without a clean close."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class MqttMessage:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+Handler = Callable[[MqttMessage], None]
+ConnectionListener = Callable[[bool], None]
+
+
+def _check_rc(rc: MQTTErrorCode | int, action: str) -> None:
+    """Translate a paho return code into a Fogline error (one of two translation points)."""
+    if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+        return
+    text = paho.error_string(rc)
+    if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+        raise NotConnectedError(f"{action}: not connected to the broker")
+    if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+        raise PublishError(f"{action}: the outgoing queue is full")
+    if rc == MQTTErrorCode.MQTT_ERR_PAYLOAD_SIZE:
+        raise PublishError(f"{action}: the payload is too large")
+    if rc in (MQTTErrorCode.MQTT_ERR_CONN_REFUSED, MQTTErrorCode.MQTT_ERR_CONN_LOST):
+        raise BrokerUnavailableError(f"{action}: {text}")
+    raise TransportError(f"{action}: {text}")
+
+
+def _connack_error(reason: ReasonCode, url: str) -> FoglineError:
+    """Translate a refused CONNACK into a Fogline error (the other translation point)."""
+    name = reason.getName()
+    if name in ("Bad user name or password", "Not authorized"):
+        return BrokerUnavailableError(f"broker {url} refused the connection: {name}")
+    return BrokerUnavailableError(f"broker {url} refused the connection: {name} ({reason.value})")
+
+
+def _strip_share(topic_filter: str) -> str:
+    """``$share/group/a/b`` delivers messages on ``a/b``; match handlers on that."""
+    if topic_filter.startswith("$share/"):
+        parts = topic_filter.split("/", 2)
+        if len(parts) == 3:
+            return parts[2]
+    return topic_filter
+
+
+class MqttTransport:
+    """A connected MQTT client with handlers per topic filter.
+
+    Handlers run on the network thread: keep them short and hand long work to a worker.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        client_id: str | None = None,
+        will: Will | None = None,
+        clean_session: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.client_id = client_id or f"fogline-{uuid.uuid4().hex[:12]}"
+        self.handler_errors = 0
+        self._subscriptions: dict[str, tuple[int, Handler]] = {}
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._refusal: FoglineError | None = None
+        self._listeners: list[ConnectionListener] = []
+        self._started = False
+        self._closed = False
+
+        v5 = settings.protocol == "5"
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if v5 else clean_session,
+        )
+        self._clean_start = clean_session
+        self._client.max_inflight_messages_set(settings.max_inflight)
+        self._client.max_queued_messages_set(0)
+        self._redraw_backoff()
+        if settings.username is not None:
+            password = settings.password.get_secret_value() if settings.password else None
+            self._client.username_pw_set(settings.username, password)
+        if settings.uses_tls:
+            try:
+                self._client.tls_set(
+                    ca_certs=str(settings.tls_ca) if settings.tls_ca else None,
+                    certfile=str(settings.tls_cert) if settings.tls_cert else None,
+                    keyfile=str(settings.tls_key) if settings.tls_key else None,
+                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
+                )
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise ConfigError(f"mqtt TLS settings: {exc}") from None
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+
+    # -- connection ---------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def add_connection_listener(self, listener: ConnectionListener) -> None:
+        """Call ``listener(True)`` on every connect and ``listener(False)`` on every loss."""
+        self._listeners.append(listener)
+
+    def start(self) -> None:
+        """Start connecting in the background; retries forever until :meth:`close`."""
+        if self._started:
+            return
+        self._started = True
+        kwargs: dict[str, Any] = {}
+        if self.settings.protocol == "5":
+            kwargs["clean_start"] = self._clean_start
+        try:
+            self._client.connect_async(
+                self.settings.host, self.settings.port, self.settings.keepalive_s, **kwargs
+            )
+        except ValueError as exc:
+            raise ConfigError(f"mqtt settings: {exc}") from None
+        self._client.loop_start()
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Start and wait until connected. Raises :class:`BrokerUnavailableError` (and
+        stops trying) if the broker refuses us or does not answer within ``timeout``."""
+        self.start()
+        if not self.wait_connected(timeout):
+            refusal = self._refusal
+            self.close()
+            if refusal is not None:
+                raise refusal
+            raise BrokerUnavailableError(
+                f"no connection to broker {self.settings.url} within {timeout:.1f}s"
+            )
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        return self._connected.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (the last will is not sent) and stop the network thread."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            if self._connected.is_set():
+                info = self._client.disconnect()
+                if info == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    # paho sends DISCONNECT from its thread; give it a moment.
+                    self._connected.clear()
+            self._client.loop_stop()
+        self._connected.clear()
+
+    def __enter__(self) -> MqttTransport:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- pub/sub ------------------------------------------------------------------------
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        """Call ``handler`` for every message matching ``topic_filter``, now and after
+        every reconnect."""
+        match_filter = _strip_share(topic_filter)
+        try:
+            paho.topic_matches_sub(match_filter, match_filter.replace("+", "x").replace("#", "x"))
+        except (ValueError, TypeError):
+            raise SubscribeError(f"invalid topic filter {topic_filter!r}") from None
+        with self._lock:
+            self._subscriptions[topic_filter] = (qos, handler)
+        self._client.message_callback_add(match_filter, self._wrap(handler))
+        if self.connected:
+            rc, _ = self._client.subscribe(topic_filter, qos)
+            if rc != MQTTErrorCode.MQTT_ERR_NO_CONN:  # re-sent on reconnect anyway
+                _check_rc(rc, f"subscribe {topic_filter}")
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            self._subscriptions.pop(topic_filter, None)
+        self._client.message_callback_remove(_strip_share(topic_filter))
+        if self.connected:
+            self._client.unsubscribe(topic_filter)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        wait: bool = False,
+        timeout: float = 10.0,
+    ) -> None:
+        """Publish. With ``wait`` (QoS 1 or 2), block until the broker acknowledges it,
+        raising :class:`PublishError` on timeout."""
+        if self._closed:
+            raise NotConnectedError(f"publish {topic}: the transport is closed")
+        if wait and not self.connected:
+            raise NotConnectedError(f"publish {topic}: not connected to the broker")
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        except ValueError as exc:
+            raise PublishError(f"publish {topic}: {exc}") from None
+        if info.rc != MQTTErrorCode.MQTT_ERR_NO_CONN or wait:
+            _check_rc(info.rc, f"publish {topic}")
+        if wait:
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError) as exc:
+                raise PublishError(f"publish {topic}: {exc}") from None
+            if not info.is_published():
+                raise PublishError(f"publish {topic}: no acknowledgement within {timeout:.1f}s")
+
+    # -- paho callbacks (network thread) ------------------------------------------------
+    def _wrap(self, handler: Handler) -> Callable[[paho.Client, Any, paho.MQTTMessage], None]:
+        def on_message(_client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+            try:
+                handler(MqttMessage(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+            except Exception:
+                self.handler_errors += 1
+                log.exception("handler for %s raised; message dropped", msg.topic)
+
+        return on_message
+
+    def _on_connect(
+        self, client: paho.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
+    ) -> None:
+        if reason.is_failure:
+            self._refusal = _connack_error(reason, self.settings.url)
+            log.warning("%s", self._refusal.message)
+            return
+        self._refusal = None
+        with self._lock:
+            subs = list(self._subscriptions.items())
+        if subs:
+            client.subscribe([(topic, qos) for topic, (qos, _h) in subs])
+        self._connected.set()
+        log.info("connected to %s as %s", self.settings.url, self.client_id)
+        self._notify(True)
+
+    def _on_disconnect(
+        self, _client: paho.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
+    ) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        self._redraw_backoff()
+        if was_connected:
+            if not self._closed:
+                log.warning("lost connection to %s: %s", self.settings.url, reason.getName())
+            self._notify(False)
+
+    def _notify(self, up: bool) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(up)
+            except Exception:
+                self.handler_errors += 1
+                log.exception("connection listener raised")
+
+    def _redraw_backoff(self) -> None:
+        base = self.settings.reconnect_min_s * random.uniform(0.5, 1.5)
+        # paho doubles the delay each failed attempt up to the cap, and resets on CONNACK.
+        self._client.reconnect_delay_set(base, self.settings.reconnect_max_s)  # type: ignore[arg-type]

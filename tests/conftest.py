@@ -1,0 +1,88 @@
+"""Fixtures shared by every test folder: real brokers and one local Ray instance.
+
+Brokers are real: Mosquitto started on a free port (or the embedded amqtt broker where
+a test asks for it). A missing ``mosquitto`` is an error, never a skip: CI installs it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fogline.protocol import EmbeddedBroker, MosquittoBroker, MqttSettings
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def mosquitto() -> Iterator[MosquittoBroker]:
+    """One Mosquitto child process for the whole session (plain config, port is free)."""
+    broker = MosquittoBroker()
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
+@pytest.fixture(scope="session")
+def broker_url(mosquitto: MosquittoBroker) -> str:
+    return mosquitto.url
+
+
+@pytest.fixture
+def mqtt_settings(broker_url: str) -> MqttSettings:
+    return MqttSettings(url=broker_url, reconnect_min_s=0.2, reconnect_max_s=2.0)
+
+
+@pytest.fixture
+def private_mosquitto(tmp_path: Path) -> Iterator[Callable[..., MosquittoBroker]]:
+    """Factory for a Mosquitto of this test's own (special config, restarts, kills)."""
+    started: list[MosquittoBroker] = []
+
+    def start(extra_config: Sequence[str] = (), port: int | None = None) -> MosquittoBroker:
+        workdir = tmp_path / f"mosquitto-{len(started)}"
+        workdir.mkdir()
+        broker = MosquittoBroker(port=port, extra_config=extra_config, workdir=workdir)
+        started.append(broker)
+        broker.start()
+        return broker
+
+    try:
+        yield start
+    finally:
+        for broker in started:
+            broker.close()
+
+
+@pytest.fixture(scope="session")
+def embedded_broker() -> Iterator[EmbeddedBroker]:
+    broker = EmbeddedBroker()
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[Any]:
+    """The one local Ray instance shared by every test that needs Ray."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        ignore_reinit_error=True,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
