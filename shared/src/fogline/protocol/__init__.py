@@ -21,6 +21,7 @@ from ._errors import (
     CloudUnavailableError,
     ConfigError,
     DecodeError,
+    FleetError,
     FoglineError,
     InferenceInputError,
     InvalidIdError,
@@ -37,6 +38,7 @@ from ._errors import (
     TopicError,
     TrainingError,
     TransportError,
+    UnknownDeviceError,
     UnknownModelError,
 )
 from ._ids import MAX_ID_LENGTH, Identifier, validate_id
@@ -106,6 +108,7 @@ __all__ = [
     "Envelope",
     "ErrorReply",
     "EventKind",
+    "FleetError",
     "FoglineError",
     "Heartbeat",
     "Identifier",
@@ -142,6 +145,7 @@ __all__ = [
     "TrainingError",
     "TransportError",
     "TrustStore",
+    "UnknownDeviceError",
     "UnknownModelError",
     "Will",
     "broker_answers",

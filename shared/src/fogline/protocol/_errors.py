@@ -28,6 +28,8 @@ ever need to catch what is drawn here::
     ├── BudgetExceededError          no path could meet the request's latency budget
     ├── CloudUnavailableError        the cloud path is down (timeout, breaker open)
     ├── RegistryError                the model registry refused an operation
+    ├── FleetError                   the fleet monitor's store failed or refused an operation
+    │   └── UnknownDeviceError       no such device in the fleet registry
     └── TrainingError                training, export or quantization failed
 """
 
@@ -41,6 +43,7 @@ __all__ = [
     "CloudUnavailableError",
     "ConfigError",
     "DecodeError",
+    "FleetError",
     "FoglineError",
     "InferenceInputError",
     "InvalidIdError",
@@ -57,6 +60,7 @@ __all__ = [
     "TopicError",
     "TrainingError",
     "TransportError",
+    "UnknownDeviceError",
     "UnknownModelError",
 ]
 
@@ -173,3 +177,11 @@ class RegistryError(FoglineError):
 
 class TrainingError(FoglineError):
     code = "training_error"
+
+
+class FleetError(FoglineError):
+    code = "fleet_error"
+
+
+class UnknownDeviceError(FleetError):
+    code = "unknown_device"
