@@ -21,7 +21,7 @@ from typing import Any, TypeVar, overload
 import msgpack
 from pydantic import ValidationError
 
-from ._errors import DecodeError
+from ._errors import DecodeError, ProtocolError
 from ._messages import MESSAGE_TYPES, Message
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
 
 DEFAULT_MAX_PAYLOAD = 8 << 20  # 8 MiB: a chunk or a batch of inputs, with room
 MAX_DEPTH = 16  # our deepest schema nests 6 levels
+_MAX_ID = 64
 _ENVELOPE_KEYS = frozenset({"type", "v", "id", "ts", "body"})
 
 M = TypeVar("M", bound=Message)
@@ -51,23 +52,43 @@ class Envelope:
     schema_version: int
 
 
-def encode(message: Message, *, message_id: str | None = None, sent_at: float | None = None) -> bytes:
-    """Encode ``message`` in a fresh envelope."""
+def encode(
+    message: Message, *, message_id: str | None = None, sent_at: float | None = None
+) -> bytes:
+    """Encode ``message`` in a fresh envelope.
+
+    Raises :class:`ProtocolError` if the result could not be decoded again: a bad
+    ``message_id`` or ``sent_at``, or a message built without validation
+    (``model_construct``) holding values msgpack cannot carry.
+    """
+    message_id = message_id or uuid.uuid4().hex
+    if not isinstance(message_id, str) or len(message_id) > _MAX_ID:
+        raise ProtocolError(f"message id must be a string of 1-{_MAX_ID} characters")
+    ts = time.time() if sent_at is None else sent_at
+    # The decoder insists on a float; an int timestamp would make the message undecodable.
+    if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
+        raise ProtocolError(f"sent_at must be a finite number, got {ts!r}")
     envelope = {
         "type": message.message_type,
         "v": message.schema_version,
-        "id": message_id or uuid.uuid4().hex,
-        "ts": time.time() if sent_at is None else sent_at,
+        "id": message_id,
+        "ts": float(ts),
         "body": message.model_dump(mode="python"),
     }
-    return msgpack.packb(envelope, use_bin_type=True)  # type: ignore[no-any-return]
+    try:
+        return msgpack.packb(envelope, use_bin_type=True)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(f"cannot encode {message.message_type}: {exc}") from None
 
 
 def canonical_bytes(message: Message) -> bytes:
     """Deterministic bytes of a message's content, for signing: keys sorted at every
     level, floats as float64, and the message type as a domain separator."""
     body = _sorted(message.model_dump(mode="python"))
-    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    try:
+        packed: bytes = msgpack.packb(body, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(f"cannot encode {message.message_type}: {exc}") from None
     return b"fogline-sig-v1\x00" + message.message_type.encode() + b"\x00" + packed
 
 
@@ -120,7 +141,10 @@ def _decode(data: bytes, expected: type[Message] | None, max_size: int) -> Envel
     except DecodeError:
         raise
     except Exception as exc:
-        raise DecodeError(f"payload is not valid msgpack: {exc}") from None
+        # Some msgpack errors (StackError for deep nesting) carry no text of their own.
+        raise DecodeError(
+            f"payload is not valid msgpack ({type(exc).__name__}: {exc or 'no detail'})"
+        ) from None
     if not isinstance(raw, dict):
         raise DecodeError(f"envelope must be a map, got {type(raw).__name__}")
     keys = set(raw)
@@ -135,10 +159,11 @@ def _decode(data: bytes, expected: type[Message] | None, max_size: int) -> Envel
         raise DecodeError(f"expected a {expected.message_type} message, got {kind}")
     if type(version) is not int or version != cls.schema_version:
         raise DecodeError(f"{kind}: unsupported schema version {version!r}")
-    if not isinstance(message_id, str) or not 0 < len(message_id) <= 64:
-        raise DecodeError("envelope id must be a string of 1-64 characters")
-    if type(sent_at) is not float or not math.isfinite(sent_at):
-        raise DecodeError("envelope ts must be a finite float")
+    if not isinstance(message_id, str) or not 0 < len(message_id) <= _MAX_ID:
+        raise DecodeError(f"envelope id must be a string of 1-{_MAX_ID} characters")
+    # Other encoders may send a whole-second timestamp as an int; bool is never a time.
+    if type(sent_at) not in (float, int) or not math.isfinite(sent_at):
+        raise DecodeError("envelope ts must be a finite number")
     if not isinstance(body, dict):
         raise DecodeError(f"{kind}: body must be a map")
     _check_depth(body)
@@ -146,7 +171,7 @@ def _decode(data: bytes, expected: type[Message] | None, max_size: int) -> Envel
         message = cls.model_validate(body, strict=True)
     except ValidationError as exc:
         raise DecodeError(f"invalid {kind}: {_summarize(exc)}") from None
-    return Envelope(message, message_id, sent_at, version)
+    return Envelope(message, message_id, float(sent_at), version)
 
 
 def _reject_ext(code: int, data: bytes) -> Any:

@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -56,25 +57,39 @@ def free_port() -> int:
 
 
 def broker_answers(host: str, port: int, timeout: float = 1.0) -> bool:
-    """True if an MQTT broker accepts a CONNECT at host:port."""
-    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + b"\x00\x0dfogline-probe"  # 3.1.1, clean session
-    connect = bytes([0x10, len(body)]) + body
+    """True if an MQTT broker answers a CONNECT at host:port with a CONNACK.
+
+    A refusal (e.g. "not authorized" from a broker that requires a password) still
+    counts: a broker is there, and credentials are the real client's business.
+    """
+    # A random client id: a fixed one would kick out a concurrent probe (MQTT takeover).
+    client_id = f"fogline-probe-{secrets.token_hex(6)}".encode()
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(client_id).to_bytes(2, "big") + client_id
+    connect = bytes([0x10, len(body)]) + body  # 3.1.1, clean session; body < 128 bytes
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.settimeout(timeout)
             sock.sendall(connect)
-            reply = sock.recv(4)
-            ok = len(reply) == 4 and reply[0] == 0x20 and reply[3] == 0
-            if ok:
-                sock.sendall(b"\xe0\x00")  # DISCONNECT
-            return ok
+            reply = b""
+            while len(reply) < 4:
+                part = sock.recv(4 - len(reply))
+                if not part:
+                    return False
+                reply += part
+            if reply[:2] != b"\x20\x02":
+                return False
+            if reply[3] == 0:
+                sock.sendall(b"\xe0\x00")  # DISCONNECT, so no will and no error logged
+            return True
     except OSError:
         return False
 
 
-def _wait_until_answers(host: str, port: int, timeout: float) -> bool:
+def _wait_until_answers(
+    host: str, port: int, timeout: float, alive: Callable[[], bool] = lambda: True
+) -> bool:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and alive():
         if broker_answers(host, port, timeout=0.5):
             return True
         time.sleep(0.05)
@@ -99,7 +114,9 @@ class MosquittoBroker:
             "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
         )
         if exe is None:
-            raise BrokerUnavailableError("mosquitto is not installed (apt-get install -y mosquitto)")
+            raise BrokerUnavailableError(
+                "mosquitto is not installed (apt-get install -y mosquitto)"
+            )
         self.executable = exe
         self.port = port or free_port()
         self.host = "127.0.0.1"
@@ -149,7 +166,12 @@ class MosquittoBroker:
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
-        if not _wait_until_answers(self.host, self.port, timeout):
+        proc = self._process
+        answered = _wait_until_answers(
+            self.host, self.port, timeout, alive=lambda: proc.poll() is None
+        )
+        # Something else may hold the port and answer for us: ours must still be alive.
+        if not answered or proc.poll() is not None:
             stderr = b""
             if self._process.poll() is not None and self._process.stderr is not None:
                 stderr = self._process.stderr.read()

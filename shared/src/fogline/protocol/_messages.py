@@ -12,7 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ._ids import Identifier
-from ._tensors import Tensor
+from ._tensors import DType, Tensor
 
 __all__ = [
     "MAX_CHUNK_SIZE",
@@ -76,9 +76,15 @@ CorrelationId = Annotated[str, AfterValidator(_correlation)]
 ReplyTopic = Annotated[str, AfterValidator(_reply_topic)]
 TensorName = Annotated[str, AfterValidator(_tensor_name)]
 ShortText = Annotated[str, Field(max_length=2048)]
+Label = Annotated[str, Field(max_length=128)]
 Timestamp = Annotated[float, Field(ge=0)]
-Count = Annotated[int, Field(ge=0)]
-Version = Annotated[int, Field(ge=1)]
+# Integers stay within int64 so that every message encodes (msgpack stops at 64 bits)
+# and fits SQLite and JSON consumers unchanged.
+INT64_MAX = (1 << 63) - 1
+Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Version = Annotated[int, Field(ge=1, le=INT64_MAX)]
+Size = Annotated[int, Field(gt=0, le=INT64_MAX)]
+Int64 = Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX)]
 Ratio = Annotated[float, Field(ge=0, le=1)]
 BreakerState = Literal["closed", "open", "half_open"]
 
@@ -111,8 +117,8 @@ class TensorSpec(_Strict):
     """One model input or output. ``-1`` in ``shape`` marks a dynamic axis."""
 
     name: TensorName
-    dtype: Literal["bool", "int8", "uint8", "int16", "int32", "int64", "float16", "float32", "float64"]
-    shape: Annotated[list[Annotated[int, Field(ge=-1)]], Field(max_length=8)]
+    dtype: DType
+    shape: Annotated[list[Annotated[int, Field(ge=-1, le=INT64_MAX)]], Field(max_length=8)]
 
 
 class ReleaseVariant(_Strict):
@@ -121,7 +127,7 @@ class ReleaseVariant(_Strict):
     device_class: Identifier
     quantization: Identifier
     sha256: Sha256
-    size: Annotated[int, Field(gt=0)]
+    size: Size
     chunk_size: Annotated[int, Field(gt=0, le=MAX_CHUNK_SIZE)]
     inputs: Annotated[list[TensorSpec], Field(min_length=1, max_length=64)]
     outputs: Annotated[list[TensorSpec], Field(min_length=1, max_length=64)]
@@ -139,7 +145,7 @@ class ReleaseManifest(Message):
     key_id: Identifier
     variants: Annotated[list[ReleaseVariant], Field(min_length=1, max_length=64)]
     example_input: dict[TensorName, Tensor] | None = None
-    labels: Annotated[list[Annotated[str, Field(max_length=128)]], Field(max_length=4096)] | None = None
+    labels: Annotated[list[Label], Field(max_length=4096)] | None = None
     metadata: Annotated[dict[Identifier, ShortText], Field(max_length=64)] = {}
 
     def variant_for(self, device_class: str) -> ReleaseVariant | None:
@@ -278,7 +284,7 @@ class ArtifactChunk(Message):
     correlation_id: CorrelationId
     sha256: Sha256
     offset: Count
-    total_size: Annotated[int, Field(gt=0)]
+    total_size: Size
     chunk_sha256: Sha256
     data: Annotated[bytes, Field(max_length=MAX_CHUNK_SIZE)]
 
@@ -329,6 +335,6 @@ class Command(Message):
     correlation_id: CorrelationId
     device_id: Identifier
     command: Identifier
-    args: Annotated[dict[Identifier, str | int | float | bool], Field(max_length=64)] = {}
+    args: Annotated[dict[Identifier, ShortText | Int64 | float | bool], Field(max_length=64)] = {}
     reply_to: ReplyTopic | None = None
     issued_at: Timestamp

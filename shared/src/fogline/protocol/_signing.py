@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -38,10 +38,13 @@ class PublicKey:
     """An ed25519 public key. ``key_id`` is the first 16 hex digits of its sha256."""
 
     def __init__(self, raw: bytes) -> None:
-        if len(raw) != 32:
-            raise SignatureError(f"an ed25519 public key is 32 bytes, got {len(raw)}")
+        if not isinstance(raw, bytes) or len(raw) != 32:
+            raise SignatureError("an ed25519 public key is 32 bytes")
+        try:
+            self._key = Ed25519PublicKey.from_public_bytes(raw)
+        except ValueError as exc:
+            raise SignatureError(f"not an ed25519 public key: {exc}") from None
         self.raw = raw
-        self._key = Ed25519PublicKey.from_public_bytes(raw)
         self.key_id = hashlib.sha256(raw).hexdigest()[:16]
 
     @classmethod
@@ -62,7 +65,7 @@ class PublicKey:
     def verify(self, signature: bytes, data: bytes) -> None:
         try:
             self._key.verify(signature, data)
-        except InvalidSignature:
+        except (InvalidSignature, TypeError):
             raise SignatureError(f"signature does not verify with key {self.key_id}") from None
 
     def __eq__(self, other: object) -> bool:
@@ -80,7 +83,9 @@ class SigningKey:
 
     def __init__(self, key: Ed25519PrivateKey) -> None:
         self._key = key
-        raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        raw = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
         self.public_key = PublicKey(raw)
         self.key_id = self.public_key.key_id
 
@@ -93,7 +98,7 @@ class SigningKey:
         try:
             pem = Path(path).read_bytes()
             key = serialization.load_pem_private_key(pem, password=None)
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise ConfigError(f"cannot load signing key {path}: {exc}") from None
         if not isinstance(key, Ed25519PrivateKey):
             raise ConfigError(f"signing key {path} is not an ed25519 key")
@@ -114,7 +119,9 @@ class SigningKey:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         pem = self._key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -123,8 +130,8 @@ class SigningKey:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        tmp.chmod(0o600)  # O_CREAT's mode does not apply to a leftover tmp file
+        tmp.replace(path)
 
     def sign(self, data: bytes) -> bytes:
         return self._key.sign(data)

@@ -35,7 +35,11 @@ class Tensor(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     dtype: DType
-    shape: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_TENSOR_RANK)]
+    # Each axis is bounded too: with a zero-length axis the product stays 0, but numpy
+    # still cannot reshape to an axis beyond its index type.
+    shape: Annotated[
+        list[Annotated[int, Field(ge=0, le=MAX_TENSOR_ELEMENTS)]], Field(max_length=MAX_TENSOR_RANK)
+    ]
     data: bytes
 
     @model_validator(mode="after")
@@ -56,12 +60,17 @@ class Tensor(BaseModel):
     @classmethod
     def from_numpy(cls, array: np.ndarray) -> Tensor:
         """Wrap a numpy array; raises :class:`TensorError` for dtypes off the whitelist."""
+        if not isinstance(array, np.ndarray):
+            raise TensorError(f"expected a numpy array, got {type(array).__name__}")
         name = array.dtype.name
         if name not in DTYPES:
-            raise TensorError(f"dtype {name} is not allowed on the wire; allowed: {', '.join(DTYPES)}")
+            allowed = ", ".join(DTYPES)
+            raise TensorError(f"dtype {name} is not allowed on the wire; allowed: {allowed}")
         contiguous = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
         try:
-            return cls(dtype=name, shape=list(array.shape), data=contiguous.tobytes())
+            return cls.model_validate(
+                {"dtype": name, "shape": list(array.shape), "data": contiguous.tobytes()}
+            )
         except ValueError as exc:
             raise TensorError(str(exc)) from None
 

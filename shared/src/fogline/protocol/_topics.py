@@ -31,6 +31,8 @@ TopicKind = Literal[
 ]
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_INT64_MAX = (1 << 63) - 1
+_VERSION = re.compile(r"[1-9][0-9]{0,18}")  # fits int64, like every other version field
 
 
 @dataclass(frozen=True)
@@ -47,13 +49,13 @@ class ParsedTopic:
 
 
 def _check_sha256(value: str) -> str:
-    if not _SHA256.fullmatch(value):
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
         raise InvalidIdError(f"sha256 {value!r} is not 64 lowercase hex digits")
     return value
 
 
 def _check_version(value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _INT64_MAX:
         raise InvalidIdError(f"version must be a positive integer, got {value!r}")
     return value
 
@@ -67,7 +69,9 @@ class Topics:
     def __post_init__(self) -> None:
         levels = self.prefix.split("/")
         if not self.prefix or any(not lvl or set(lvl) & set("+#\x00") for lvl in levels):
-            raise TopicError(f"topic prefix {self.prefix!r} must be non-empty levels without wildcards")
+            raise TopicError(
+                f"topic prefix {self.prefix!r} must be non-empty levels without wildcards"
+            )
 
     # -- builders ---------------------------------------------------------------------
     def release(self, model: str, version: int) -> str:
@@ -128,6 +132,8 @@ class Topics:
     def parse(self, topic: str) -> ParsedTopic:
         """Parse a concrete topic (no wildcards) back into what it names."""
         head = self.prefix + "/"
+        if not isinstance(topic, str):
+            raise TopicError(f"topic must be a string, got {type(topic).__name__}")
         if not topic.startswith(head):
             raise TopicError(f"topic {topic!r} is not under prefix {self.prefix!r}")
         levels = topic[len(head) :].split("/")
@@ -139,9 +145,12 @@ class Topics:
     def _parse_levels(self, levels: list[str], topic: str) -> ParsedTopic:
         match levels:
             case ["models", model, "releases", version]:
-                if not version.isdigit() or version.startswith("0"):
+                # ASCII digits only: str.isdigit() accepts superscripts and other scripts' digits,
+                # which int() then rejects or silently reads.
+                if not _VERSION.fullmatch(version):
                     raise TopicError(f"topic {topic!r}: version must be a positive integer")
-                return ParsedTopic("release", model=validate_id(model, "model"), version=int(version))
+                model_id = validate_id(model, "model")
+                return ParsedTopic("release", model=model_id, version=int(version))
             case ["artifacts", sha, "get"]:
                 return ParsedTopic("artifact_get", sha256=_check_sha256(sha))
             case ["fleet", "desired"]:
