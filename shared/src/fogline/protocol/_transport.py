@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from ._errors import (
     BrokerUnavailableError,
@@ -60,6 +60,12 @@ class MqttSettings(BaseModel):
     reconnect_min_s: float = Field(default=0.5, gt=0, le=60)
     reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)
     max_inflight: int = Field(default=100, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> MqttSettings:
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError("reconnect_min_s must not exceed reconnect_max_s")
+        return self
 
     @field_validator("url")
     @classmethod
@@ -106,6 +112,15 @@ class MqttMessage:
 
 
 Handler = Callable[[MqttMessage], None]
+
+
+@dataclass
+class _PendingSubscribe:
+    """A SUBSCRIBE in flight, completed by its SUBACK on the network thread."""
+
+    filters: list[str]
+    done: threading.Event
+    refused: list[str]
 ConnectionListener = Callable[[bool], None]
 
 
@@ -131,6 +146,22 @@ def _connack_error(reason: ReasonCode, url: str) -> FoglineError:
     if name in ("Bad user name or password", "Not authorized"):
         return BrokerUnavailableError(f"broker {url} refused the connection: {name}")
     return BrokerUnavailableError(f"broker {url} refused the connection: {name} ({reason.value})")
+
+
+def _check_filter(topic_filter: str) -> None:
+    """Raise SubscribeError unless ``topic_filter`` is a valid MQTT topic filter."""
+    if not isinstance(topic_filter, str) or not topic_filter:
+        raise SubscribeError("a topic filter must be a non-empty string")
+    if "\x00" in topic_filter or len(topic_filter.encode()) > 65535:
+        raise SubscribeError(f"invalid topic filter {topic_filter!r}")
+    levels = topic_filter.split("/")
+    for i, level in enumerate(levels):
+        misplaced_hash = "#" in level and (level != "#" or i != len(levels) - 1)
+        if misplaced_hash or ("+" in level and level != "+"):
+            raise SubscribeError(
+                f"invalid topic filter {topic_filter!r}: '+' and '#' must fill a whole level, "
+                "and '#' must be the last"
+            )
 
 
 def _strip_share(topic_filter: str) -> str:
@@ -162,6 +193,8 @@ class MqttTransport:
         self._subscriptions: dict[str, tuple[int, Handler]] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._connack = threading.Event()  # set by each CONNACK, accepted or refused
+        self._pending_subs: dict[int, _PendingSubscribe] = {}
         self._refusal: FoglineError | None = None
         self._listeners: list[ConnectionListener] = []
         self._started = False
@@ -192,9 +225,13 @@ class MqttTransport:
             except (OSError, ssl.SSLError, ValueError) as exc:
                 raise ConfigError(f"mqtt TLS settings: {exc}") from None
         if will is not None:
-            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+            try:
+                self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+            except ValueError as exc:
+                raise ConfigError(f"mqtt last will: {exc}") from None
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
 
     # -- connection ---------------------------------------------------------------------
     @property
@@ -225,7 +262,9 @@ class MqttTransport:
         """Start and wait until connected. Raises :class:`BrokerUnavailableError` (and
         stops trying) if the broker refuses us or does not answer within ``timeout``."""
         self.start()
-        if not self.wait_connected(timeout):
+        # Returns early on a refusal: a bad password will not get better by waiting.
+        self._connack.wait(timeout)
+        if not self._connected.is_set():
             refusal = self._refusal
             self.close()
             if refusal is not None:
@@ -259,21 +298,50 @@ class MqttTransport:
         self.close()
 
     # -- pub/sub ------------------------------------------------------------------------
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+    def subscribe(
+        self,
+        topic_filter: str,
+        handler: Handler,
+        qos: int = 1,
+        *,
+        wait: bool = False,
+        timeout: float = 10.0,
+    ) -> None:
         """Call ``handler`` for every message matching ``topic_filter``, now and after
-        every reconnect."""
+        every reconnect.
+
+        With ``wait``, block until the broker acknowledges the subscription; a refusal
+        (e.g. by the broker's ACL) raises :class:`SubscribeError` and removes it again.
+        Without ``wait`` a refusal is only logged.
+        """
+        _check_filter(topic_filter)
+        if qos not in (0, 1, 2):
+            raise SubscribeError(f"subscribe {topic_filter}: qos must be 0, 1 or 2")
+        if self._closed:
+            raise NotConnectedError(f"subscribe {topic_filter}: the transport is closed")
+        if wait and not self.connected:
+            raise NotConnectedError(f"subscribe {topic_filter}: not connected to the broker")
         match_filter = _strip_share(topic_filter)
-        try:
-            paho.topic_matches_sub(match_filter, match_filter.replace("+", "x").replace("#", "x"))
-        except (ValueError, TypeError):
-            raise SubscribeError(f"invalid topic filter {topic_filter!r}") from None
         with self._lock:
             self._subscriptions[topic_filter] = (qos, handler)
         self._client.message_callback_add(match_filter, self._wrap(handler))
-        if self.connected:
-            rc, _ = self._client.subscribe(topic_filter, qos)
-            if rc != MQTTErrorCode.MQTT_ERR_NO_CONN:  # re-sent on reconnect anyway
-                _check_rc(rc, f"subscribe {topic_filter}")
+        if not self.connected:
+            return  # sent on the next CONNACK
+        pending = _PendingSubscribe([topic_filter], threading.Event(), [])
+        with self._lock:  # held so the SUBACK cannot be handled before we record the mid
+            rc, mid = self._client.subscribe(topic_filter, qos)
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                self._pending_subs[mid] = pending
+        if rc == MQTTErrorCode.MQTT_ERR_NO_CONN and not wait:
+            return  # re-sent on reconnect anyway
+        _check_rc(rc, f"subscribe {topic_filter}")
+        if not wait:
+            return
+        if not pending.done.wait(timeout):
+            raise SubscribeError(f"subscribe {topic_filter}: no SUBACK within {timeout:.1f}s")
+        if pending.refused:
+            self.unsubscribe(topic_filter)
+            raise SubscribeError(f"the broker refused the subscription {topic_filter!r}")
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
@@ -329,13 +397,19 @@ class MqttTransport:
         if reason.is_failure:
             self._refusal = _connack_error(reason, self.settings.url)
             log.warning("%s", self._refusal.message)
+            self._connack.set()
             return
         self._refusal = None
         with self._lock:
             subs = list(self._subscriptions.items())
         if subs:
-            client.subscribe([(topic, qos) for topic, (qos, _h) in subs])
+            with self._lock:
+                rc, mid = client.subscribe([(topic, qos) for topic, (qos, _h) in subs])
+                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                    filters = [topic for topic, _ in subs]
+                    self._pending_subs[mid] = _PendingSubscribe(filters, threading.Event(), [])
         self._connected.set()
+        self._connack.set()
         log.info("connected to %s as %s", self.settings.url, self.client_id)
         self._notify(True)
 
@@ -344,11 +418,29 @@ class MqttTransport:
     ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        self._connack.clear()
+        with self._lock:  # their SUBACKs will never come; on_connect re-subscribes
+            pending, self._pending_subs = list(self._pending_subs.values()), {}
+        for sub in pending:
+            sub.done.set()
         self._redraw_backoff()
         if was_connected:
             if not self._closed:
                 log.warning("lost connection to %s: %s", self.settings.url, reason.getName())
             self._notify(False)
+
+    def _on_subscribe(
+        self, _client: paho.Client, _userdata: Any, mid: int, reasons: list[ReasonCode], _props: Any
+    ) -> None:
+        with self._lock:
+            pending = self._pending_subs.pop(mid, None)
+        if pending is None:
+            return
+        for topic_filter, reason in zip(pending.filters, reasons, strict=False):
+            if reason.is_failure:
+                pending.refused.append(topic_filter)
+                log.warning("broker refused subscription %s: %s", topic_filter, reason.getName())
+        pending.done.set()
 
     def _notify(self, up: bool) -> None:
         for listener in list(self._listeners):
