@@ -1,0 +1,502 @@
+"""Where a request runs: the routing policies, as pure logic.
+
+:func:`decide` is a pure function of the request (budget, policy), the local state
+(queue depth, service-time estimate, capacity), the cloud state (breaker, round trip,
+service time) and the device's load hints. :class:`Router` executes a decision: it runs
+locally through a callable the agent supplies, or asks the cloud through a
+:class:`CloudPath` (the :class:`~fogline.edge.CloudClient` in production), handles the
+cascade and falls back to local inference when the cloud fails.
+
+Estimates (milliseconds)::
+
+    local = queue_depth * service_ewma / concurrency + service_ewma
+    cloud = rtt_ewma + cloud_service_ewma
+
+An unknown estimate (nothing measured yet) counts as meeting the budget: the first
+requests teach the estimator, and probes fill the cloud side while idle.
+
+No path meets the budget: with ``on_no_path="run-late"`` the request runs anyway (locally
+when it can) and its result is marked late; with ``"refuse"`` :func:`decide` raises
+:class:`BudgetExceededError` at once. A cloud call never waits longer than the remaining
+budget plus ``grace_ms``; if it fails and the model has a local variant, the request
+runs locally (so the bound is budget + grace + one local service time).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Literal, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from fogline.protocol import (
+    BudgetExceededError,
+    CapacityError,
+    CloudUnavailableError,
+    FoglineError,
+    UnknownModelError,
+)
+
+__all__ = [
+    "CloudPath",
+    "CloudResult",
+    "CloudState",
+    "LoadHints",
+    "LocalResult",
+    "LocalState",
+    "OnNoPath",
+    "RouteDecision",
+    "RoutedResult",
+    "Router",
+    "RoutingPolicy",
+    "RoutingSettings",
+    "RoutingStats",
+    "Target",
+    "decide",
+    "estimate_cloud_ms",
+    "estimate_local_ms",
+    "should_escalate",
+    "top1_confidence",
+]
+
+log = logging.getLogger("fogline.edge.routing")
+
+Target = Literal["edge", "cloud"]
+OnNoPath = Literal["run-late", "refuse"]
+Thermal = Literal["normal", "warm", "hot", "critical"]
+
+
+class RoutingPolicy(StrEnum):
+    LOCAL_FIRST = "local-first"
+    CLOUD_FIRST = "cloud-first"
+    LOCAL_ONLY = "local-only"
+    CLOUD_ONLY = "cloud-only"
+    CASCADE = "cascade"
+
+
+class RoutingSettings(BaseModel):
+    """The ``[routing]`` section of the agent's configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: RoutingPolicy = RoutingPolicy.LOCAL_FIRST
+    default_budget_ms: float | None = Field(default=None, gt=0)
+    cascade_threshold: float = Field(default=0.8, ge=0, le=1)
+    cascade_output: str | None = None  # output holding class scores; None = the first
+    on_no_path: OnNoPath = "run-late"
+    grace_ms: float = Field(default=25.0, ge=0)
+    cloud_timeout_ms: float = Field(default=2000.0, gt=0)  # for requests with no budget
+    cpu_offload_above: float = Field(default=0.9, gt=0, le=1)
+    battery_offload_below: float = Field(default=0.2, ge=0, le=1)
+
+
+@dataclass(frozen=True)
+class LoadHints:
+    """Device load signals, set by the firmware simulator or read from the OS.
+    ``cpu_load`` and ``battery`` are fractions; ``None`` means unknown."""
+
+    cpu_load: float | None = None
+    battery: float | None = None
+    thermal: Thermal = "normal"
+
+    def stressed(self, settings: RoutingSettings) -> str | None:
+        """Why the device would rather offload, or ``None``."""
+        if self.thermal in ("hot", "critical"):
+            return "thermal"
+        if self.battery is not None and self.battery < settings.battery_offload_below:
+            return "low_battery"
+        if self.cpu_load is not None and self.cpu_load >= settings.cpu_offload_above:
+            return "cpu_load"
+        return None
+
+
+@dataclass(frozen=True)
+class LocalState:
+    has_model: bool = True  # False: no variant for this device class
+    queue_depth: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 1 << 30
+    concurrency: int = 1
+    service_ms: float | None = None  # EWMA of local service time
+
+    @property
+    def saturated(self) -> bool:
+        return self.in_flight + self.queue_depth >= self.max_in_flight
+
+
+@dataclass(frozen=True)
+class CloudState:
+    available: bool = False  # connected and the breaker would let a call through
+    serves_model: bool = True
+    rtt_ms: float | None = None
+    service_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    target: Target
+    reason: str
+    local_estimate_ms: float | None = None
+    cloud_estimate_ms: float | None = None
+    late: bool = False  # no path met the budget; run anyway (run-late)
+    cascade: bool = False  # run locally, escalate to the cloud on low confidence
+
+
+def estimate_local_ms(local: LocalState) -> float | None:
+    if local.service_ms is None:
+        return None
+    wait = local.queue_depth * local.service_ms / max(1, local.concurrency)
+    return wait + local.service_ms
+
+
+def estimate_cloud_ms(cloud: CloudState) -> float | None:
+    if cloud.rtt_ms is None:
+        return None
+    return cloud.rtt_ms + (cloud.service_ms or 0.0)
+
+
+def _meets(estimate: float | None, budget_ms: float | None) -> bool:
+    return budget_ms is None or estimate is None or estimate <= budget_ms
+
+
+def decide(
+    *,
+    policy: RoutingPolicy,
+    budget_ms: float | None,
+    local: LocalState,
+    cloud: CloudState,
+    hints: LoadHints = LoadHints(),
+    settings: RoutingSettings = RoutingSettings(),
+    on_no_path: OnNoPath | None = None,
+) -> RouteDecision:
+    """Choose edge or cloud. Raises :class:`BudgetExceededError` (``refuse`` and no path
+    meets the budget), :class:`CloudUnavailableError` (the cloud is required and down),
+    :class:`CapacityError` (local queue full and no cloud)."""
+    no_path = on_no_path or settings.on_no_path
+    local_est, cloud_est = estimate_local_ms(local), estimate_cloud_ms(cloud)
+    cloud_ok = cloud.available and cloud.serves_model
+    local_ok = local.has_model and not local.saturated
+
+    def made(
+        target: Target, reason: str, *, late: bool = False, cascade: bool = False
+    ) -> RouteDecision:
+        return RouteDecision(target, reason, local_est, cloud_est, late=late, cascade=cascade)
+
+    def no_path_left(why: str) -> RouteDecision:
+        if no_path == "refuse":
+            raise BudgetExceededError(
+                f"no path meets the {budget_ms:.1f} ms budget ({why}; local estimate "
+                f"{_fmt(local_est)}, cloud estimate {_fmt(cloud_est)})"
+            )
+        if local_ok:
+            return made("edge", "no_path_run_late", late=True)
+        if cloud_ok:
+            return made("cloud", "no_path_run_late", late=True)
+        return unreachable()
+
+    def unreachable() -> RouteDecision:
+        if not local.has_model:
+            if not cloud.serves_model:
+                raise UnknownModelError("no local variant, and the cloud does not serve the model")
+            raise CloudUnavailableError("no local variant, and the cloud is unavailable")
+        raise CapacityError(
+            f"local queue is full ({local.in_flight + local.queue_depth}/{local.max_in_flight}) "
+            "and the cloud is unavailable"
+        )
+
+    if policy == RoutingPolicy.LOCAL_ONLY:
+        if not local.has_model:
+            raise UnknownModelError("local-only: the model has no local variant on this device")
+        if local.saturated:
+            return unreachable()
+        if _meets(local_est, budget_ms):
+            return made("edge", "local_only")
+        return no_path_left("local-only")
+
+    if policy == RoutingPolicy.CLOUD_ONLY or not local.has_model:
+        reason = "cloud_only" if policy == RoutingPolicy.CLOUD_ONLY else "no_local_variant"
+        if not cloud_ok:
+            if not cloud.serves_model:
+                raise UnknownModelError(f"{reason}: the cloud does not serve this model")
+            raise CloudUnavailableError(f"{reason}: the cloud is unavailable (breaker or link)")
+        if _meets(cloud_est, budget_ms):
+            return made("cloud", reason)
+        if no_path == "refuse":
+            return no_path_left(reason)
+        return made("cloud", reason, late=True)
+
+    if not local_ok:  # saturated: only the cloud can take it
+        if cloud_ok:
+            late = not _meets(cloud_est, budget_ms)
+            if late and no_path == "refuse":
+                return no_path_left("local queue full")
+            return made("cloud", "local_saturated", late=late)
+        return unreachable()
+
+    if policy == RoutingPolicy.CASCADE:
+        return made("edge", "cascade", cascade=True)
+
+    if policy == RoutingPolicy.CLOUD_FIRST:
+        if cloud_ok and _meets(cloud_est, budget_ms):
+            return made("cloud", "cloud_first")
+        if _meets(local_est, budget_ms):
+            return made("edge", "cloud_unfit")
+        return no_path_left("cloud-first")
+
+    # local-first
+    stress = hints.stressed(settings)
+    if stress is not None and cloud_ok and _meets(cloud_est, budget_ms):
+        return made("cloud", f"device_{stress}")
+    if _meets(local_est, budget_ms):
+        return made("edge", "local_meets_budget")
+    if cloud_ok and _meets(cloud_est, budget_ms):
+        return made("cloud", "local_misses_budget")
+    return no_path_left("local-first")
+
+
+def _fmt(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.1f} ms"
+
+
+# -- cascade -----------------------------------------------------------------------------------
+
+
+def top1_confidence(scores: np.ndarray) -> float:
+    """Top-1 confidence of the first row of ``scores``: taken as probabilities when they
+    already are (non-negative, summing to 1), else softmaxed from logits."""
+    row = np.asarray(scores, dtype=np.float64).reshape(-1) if scores.ndim <= 1 else (
+        np.asarray(scores[0], dtype=np.float64).reshape(-1)
+    )
+    if row.size == 0 or not np.all(np.isfinite(row)):
+        return 0.0
+    if row.min() >= 0 and abs(row.sum() - 1.0) < 1e-3:
+        return float(row.max())
+    shifted = np.exp(row - row.max())
+    return float(shifted.max() / shifted.sum())
+
+
+def should_escalate(
+    *,
+    confidence: float,
+    threshold: float,
+    remaining_ms: float | None,
+    cloud_estimate_ms: float | None,
+    cloud_available: bool,
+) -> bool:
+    """Cascade: ask the cloud when the local answer is unsure and there is time left."""
+    if not cloud_available or confidence >= threshold:
+        return False
+    if remaining_ms is None:
+        return True
+    if remaining_ms <= 0:
+        return False
+    return cloud_estimate_ms is None or cloud_estimate_ms <= remaining_ms
+
+
+# -- execution ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    outputs: dict[str, np.ndarray]
+    version: int
+
+
+@dataclass(frozen=True)
+class CloudResult:
+    outputs: dict[str, np.ndarray]
+    version: int
+    service_ms: float
+    rtt_ms: float
+
+
+class CloudPath(Protocol):
+    """What the router needs from the cloud side (implemented by ``CloudClient``)."""
+
+    def state(self, model: str) -> CloudState: ...
+
+    def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], *, timeout_s: float
+    ) -> CloudResult: ...
+
+
+@dataclass(frozen=True)
+class RoutedResult:
+    """What the router answers: where the request ran and whether it met its budget."""
+
+    outputs: dict[str, np.ndarray]
+    target: Target
+    version: int
+    latency_ms: float
+    budget_ms: float | None
+    reason: str
+    late: bool = False
+    escalated: bool = False  # cascade asked the cloud
+    fell_back: bool = False  # the cloud failed; ran locally
+
+    @property
+    def met_budget(self) -> bool | None:
+        return None if self.budget_ms is None else self.latency_ms <= self.budget_ms
+
+
+@dataclass
+class RoutingStats:
+    """Counters for heartbeats: offload ratio, met-budget ratio. Thread-safe."""
+
+    requests: int = 0
+    cloud_requests: int = 0
+    budgeted: int = 0
+    met_budget: int = 0
+    fallbacks: int = 0
+    escalations: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, result: RoutedResult) -> None:
+        with self._lock:
+            self.requests += 1
+            self.cloud_requests += result.target == "cloud"
+            self.fallbacks += result.fell_back
+            self.escalations += result.escalated
+            if result.budget_ms is not None:
+                self.budgeted += 1
+                self.met_budget += bool(result.met_budget)
+
+    @property
+    def offload_ratio(self) -> float:
+        return self.cloud_requests / self.requests if self.requests else 0.0
+
+    @property
+    def met_budget_ratio(self) -> float:
+        return self.met_budget / self.budgeted if self.budgeted else 1.0
+
+
+@dataclass(frozen=True)
+class _Run:
+    start: float
+    budget: float | None
+    decision: RouteDecision
+
+
+class Router:
+    """Executes routing decisions. ``run_local`` is the agent's local inference path."""
+
+    def __init__(
+        self,
+        settings: RoutingSettings,
+        cloud: CloudPath | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.cloud = cloud
+        self.stats = RoutingStats()
+        self._clock = clock
+
+    def route(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        run_local: Callable[[], LocalResult],
+        *,
+        local: LocalState,
+        budget_ms: float | None = None,
+        policy: RoutingPolicy | str | None = None,
+        on_no_path: OnNoPath | None = None,
+        hints: LoadHints = LoadHints(),
+    ) -> RoutedResult:
+        """Decide, then run. Raises what :func:`decide` raises, and cloud errors only when
+        the cloud was the only path."""
+        start = self._clock()
+        budget = budget_ms if budget_ms is not None else self.settings.default_budget_ms
+        chosen = RoutingPolicy(policy) if policy is not None else self.settings.policy
+        cloud_state = self.cloud.state(model) if self.cloud is not None else CloudState()
+        decision = decide(
+            policy=chosen, budget_ms=budget, local=local, cloud=cloud_state, hints=hints,
+            settings=self.settings, on_no_path=on_no_path,
+        )
+        run = _Run(start, budget, decision)
+
+        if decision.target == "cloud":
+            try:
+                answer = self._ask_cloud(model, inputs, budget, self._spent_ms(start))
+            except (CloudUnavailableError, BudgetExceededError) as exc:
+                if chosen == RoutingPolicy.CLOUD_ONLY or not local.has_model:
+                    raise
+                log.info("cloud failed for %s (%s); running locally", model, exc.code)
+                fallback = run_local()
+                return self._finish(run, fallback.outputs, "edge", fallback.version, fell_back=True)
+            return self._finish(run, answer.outputs, "cloud", answer.version)
+
+        result = run_local()
+        if decision.cascade and self.cloud is not None:
+            return self._cascade(model, inputs, result, run)
+        return self._finish(run, result.outputs, "edge", result.version)
+
+    def _cascade(
+        self, model: str, inputs: Mapping[str, np.ndarray], local_result: LocalResult, run: _Run
+    ) -> RoutedResult:
+        assert self.cloud is not None
+        name = self.settings.cascade_output or next(iter(local_result.outputs), None)
+        scores = local_result.outputs.get(name) if name is not None else None
+        confidence = top1_confidence(scores) if scores is not None else 1.0
+        state = self.cloud.state(model)
+        spent = self._spent_ms(run.start)
+        remaining = None if run.budget is None else run.budget - spent
+        if not should_escalate(
+            confidence=confidence, threshold=self.settings.cascade_threshold,
+            remaining_ms=remaining, cloud_estimate_ms=estimate_cloud_ms(state),
+            cloud_available=state.available and state.serves_model,
+        ):
+            return self._finish(run, local_result.outputs, "edge", local_result.version)
+        try:
+            answer = self._ask_cloud(model, inputs, run.budget, spent)
+        except (CloudUnavailableError, BudgetExceededError) as exc:
+            log.info("cascade: cloud failed for %s (%s); keeping the local answer", model, exc.code)
+            return self._finish(run, local_result.outputs, "edge", local_result.version)
+        return self._finish(run, answer.outputs, "cloud", answer.version, escalated=True)
+
+    def _spent_ms(self, start: float) -> float:
+        return (self._clock() - start) * 1000.0
+
+    def _finish(
+        self,
+        run: _Run,
+        outputs: dict[str, np.ndarray],
+        target: Target,
+        version: int,
+        *,
+        escalated: bool = False,
+        fell_back: bool = False,
+    ) -> RoutedResult:
+        latency = self._spent_ms(run.start)
+        late = run.decision.late or (run.budget is not None and latency > run.budget)
+        result = RoutedResult(
+            outputs, target, version, latency, run.budget, run.decision.reason,
+            late=late, escalated=escalated, fell_back=fell_back,
+        )
+        self.stats.record(result)
+        return result
+
+    def _ask_cloud(
+        self, model: str, inputs: Mapping[str, np.ndarray], budget: float | None, spent_ms: float
+    ) -> CloudResult:
+        if self.cloud is None:
+            raise CloudUnavailableError("no cloud client is configured")
+        if budget is None:
+            timeout_ms = self.settings.cloud_timeout_ms
+        else:
+            timeout_ms = max(1.0, budget - spent_ms + self.settings.grace_ms)
+        try:
+            return self.cloud.infer(model, inputs, timeout_s=timeout_ms / 1000.0)
+        except (CloudUnavailableError, BudgetExceededError):
+            raise
+        except FoglineError as exc:
+            if isinstance(exc, UnknownModelError | CapacityError):
+                raise CloudUnavailableError(f"cloud refused {model}: {exc.message}") from exc
+            raise

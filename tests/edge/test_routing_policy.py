@@ -1,0 +1,261 @@
+"""Routing decisions and the router's execution, with fakes for both paths (pure, fast)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+
+from fogline.edge._routing import (
+    CloudResult,
+    CloudState,
+    LoadHints,
+    LocalResult,
+    LocalState,
+    Router,
+    RoutingPolicy,
+    RoutingSettings,
+    decide,
+    estimate_cloud_ms,
+    estimate_local_ms,
+    should_escalate,
+    top1_confidence,
+)
+from fogline.protocol import (
+    BudgetExceededError,
+    CapacityError,
+    CloudUnavailableError,
+    ConfigError,
+    UnknownModelError,
+)
+
+IDLE = LocalState(queue_depth=0, service_ms=5.0)
+BUSY = LocalState(queue_depth=20, in_flight=1, concurrency=1, service_ms=5.0)  # ~105 ms
+CLOUD = CloudState(available=True, rtt_ms=20.0, service_ms=2.0)  # 22 ms
+DOWN = CloudState(available=False, rtt_ms=20.0, service_ms=2.0)
+
+
+def test_estimates() -> None:
+    assert estimate_local_ms(BUSY) == pytest.approx(105.0)
+    assert estimate_local_ms(LocalState(queue_depth=4, concurrency=2, service_ms=10)) == 30.0
+    assert estimate_local_ms(LocalState()) is None
+    assert estimate_cloud_ms(CLOUD) == 22.0
+    assert estimate_cloud_ms(CloudState(available=True)) is None
+
+
+def test_local_first_stays_local_when_the_local_estimate_meets_the_budget() -> None:
+    d = decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=IDLE, cloud=CLOUD)
+    assert (d.target, d.reason, d.late) == ("edge", "local_meets_budget", False)
+
+
+def test_local_first_offloads_when_the_local_queue_would_miss_the_budget() -> None:
+    d = decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=BUSY, cloud=CLOUD)
+    assert (d.target, d.reason) == ("cloud", "local_misses_budget")
+    assert d.local_estimate_ms == pytest.approx(105.0)
+
+
+def test_local_first_without_budget_stays_local() -> None:
+    d = decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=None, local=BUSY, cloud=CLOUD)
+    assert d.target == "edge"
+
+
+def test_local_first_breaker_open_runs_late_locally() -> None:
+    d = decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=BUSY, cloud=DOWN)
+    assert (d.target, d.late, d.reason) == ("edge", True, "no_path_run_late")
+
+
+def test_refuse_raises_budget_exceeded_at_once() -> None:
+    with pytest.raises(BudgetExceededError, match=r"50\.0 ms budget"):
+        decide(
+            policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=BUSY, cloud=DOWN,
+            on_no_path="refuse",
+        )
+    settings = RoutingSettings(on_no_path="refuse")
+    slow_cloud = CloudState(available=True, rtt_ms=80, service_ms=5)
+    with pytest.raises(BudgetExceededError):
+        decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=BUSY, cloud=slow_cloud,
+               settings=settings)
+
+
+def test_unknown_local_estimate_counts_as_meeting_the_budget() -> None:
+    d = decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=1, local=LocalState(), cloud=CLOUD)
+    assert d.target == "edge"
+
+
+@pytest.mark.parametrize(
+    ("hints", "reason"),
+    [
+        (LoadHints(thermal="hot"), "device_thermal"),
+        (LoadHints(battery=0.1), "device_low_battery"),
+        (LoadHints(cpu_load=0.95), "device_cpu_load"),
+    ],
+)
+def test_a_stressed_device_prefers_offloading(hints: LoadHints, reason: str) -> None:
+    d = decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=IDLE, cloud=CLOUD, hints=hints)
+    assert (d.target, d.reason) == ("cloud", reason)
+
+
+def test_a_stressed_device_stays_local_when_the_cloud_is_down() -> None:
+    d = decide(
+        policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=IDLE, cloud=DOWN,
+        hints=LoadHints(thermal="critical"),
+    )
+    assert d.target == "edge"
+
+
+def test_cloud_first() -> None:
+    first = RoutingPolicy.CLOUD_FIRST
+    assert decide(policy=first, budget_ms=50, local=IDLE, cloud=CLOUD).target == "cloud"
+    d = decide(policy=RoutingPolicy.CLOUD_FIRST, budget_ms=50, local=IDLE, cloud=DOWN)
+    assert (d.target, d.reason) == ("edge", "cloud_unfit")
+    slow = CloudState(available=True, rtt_ms=100)
+    assert decide(policy=first, budget_ms=50, local=IDLE, cloud=slow).target == "edge"
+
+
+def test_local_only_and_cloud_only() -> None:
+    assert decide(policy=RoutingPolicy.LOCAL_ONLY, budget_ms=50, local=BUSY, cloud=CLOUD).late
+    with pytest.raises(UnknownModelError):
+        decide(policy=RoutingPolicy.LOCAL_ONLY, budget_ms=50, local=LocalState(has_model=False),
+               cloud=CLOUD)
+    only = RoutingPolicy.CLOUD_ONLY
+    assert decide(policy=only, budget_ms=50, local=IDLE, cloud=CLOUD).target == "cloud"
+    with pytest.raises(CloudUnavailableError):
+        decide(policy=RoutingPolicy.CLOUD_ONLY, budget_ms=50, local=IDLE, cloud=DOWN)
+    slow = CloudState(available=True, rtt_ms=100)
+    d = decide(policy=RoutingPolicy.CLOUD_ONLY, budget_ms=50, local=IDLE, cloud=slow)
+    assert (d.target, d.late) == ("cloud", True)
+
+
+@pytest.mark.parametrize("policy", list(RoutingPolicy.__members__.values()))
+def test_no_local_variant_goes_to_the_cloud(policy: RoutingPolicy) -> None:
+    no_variant = LocalState(has_model=False)
+    if policy == RoutingPolicy.LOCAL_ONLY:
+        with pytest.raises(UnknownModelError):
+            decide(policy=policy, budget_ms=50, local=no_variant, cloud=CLOUD)
+        return
+    d = decide(policy=policy, budget_ms=50, local=no_variant, cloud=CLOUD)
+    assert d.target == "cloud"
+    with pytest.raises(CloudUnavailableError):
+        decide(policy=policy, budget_ms=50, local=no_variant, cloud=DOWN)
+    with pytest.raises(UnknownModelError):
+        decide(policy=policy, budget_ms=50, local=no_variant,
+               cloud=CloudState(available=True, serves_model=False))
+
+
+def test_saturated_local_offloads_or_refuses_for_capacity() -> None:
+    full = LocalState(in_flight=4, queue_depth=4, max_in_flight=8, service_ms=1)
+    d = decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=full, cloud=CLOUD)
+    assert (d.target, d.reason) == ("cloud", "local_saturated")
+    with pytest.raises(CapacityError):
+        decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=full, cloud=DOWN)
+
+
+def test_cascade_decision_runs_locally() -> None:
+    d = decide(policy=RoutingPolicy.CASCADE, budget_ms=50, local=IDLE, cloud=CLOUD)
+    assert (d.target, d.cascade) == ("edge", True)
+
+
+def test_policy_strings_and_bad_settings() -> None:
+    assert RoutingPolicy("local-first") is RoutingPolicy.LOCAL_FIRST
+    with pytest.raises(ValueError):
+        RoutingPolicy("sideways")
+    with pytest.raises(ValueError):
+        RoutingSettings.model_validate({"policy": "local-first", "bogus": 1})
+    with pytest.raises(ValueError):
+        RoutingSettings.model_validate({"cascade_threshold": 2})
+    assert ConfigError  # bad config surfaces as ConfigError in the agent's loader
+
+
+def test_top1_confidence_from_logits_and_probabilities() -> None:
+    assert top1_confidence(np.array([[0.1, 0.7, 0.2]], dtype=np.float32)) == pytest.approx(0.7)
+    assert top1_confidence(np.array([[10.0, 0.0, 0.0]])) > 0.99
+    assert top1_confidence(np.array([[0.0, 0.0]])) == pytest.approx(0.5)
+    assert top1_confidence(np.array([np.nan, 1.0])) == 0.0
+    assert top1_confidence(np.zeros((1, 0))) == 0.0
+
+
+def test_should_escalate() -> None:
+    kw = {"threshold": 0.8, "cloud_estimate_ms": 20.0, "cloud_available": True}
+    assert should_escalate(confidence=0.5, remaining_ms=40, **kw)  # type: ignore[arg-type]
+    assert not should_escalate(confidence=0.9, remaining_ms=40, **kw)  # type: ignore[arg-type]
+    assert not should_escalate(confidence=0.5, remaining_ms=10, **kw)  # type: ignore[arg-type]
+    assert should_escalate(confidence=0.5, remaining_ms=None, **kw)  # type: ignore[arg-type]
+    assert not should_escalate(
+        confidence=0.5, remaining_ms=40, threshold=0.8, cloud_estimate_ms=1, cloud_available=False
+    )
+
+
+# -- the router, with fake paths ------------------------------------------------------------------
+
+
+class FakeCloud:
+    def __init__(self, state: CloudState = CLOUD, fail: Exception | None = None) -> None:
+        self._state = state
+        self.fail = fail
+        self.calls: list[float] = []
+
+    def state(self, model: str) -> CloudState:
+        return self._state
+
+    def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], *, timeout_s: float
+    ) -> CloudResult:
+        self.calls.append(timeout_s)
+        if self.fail is not None:
+            raise self.fail
+        return CloudResult({"y": np.array([[0.0, 1.0]])}, version=7, service_ms=1.0, rtt_ms=3.0)
+
+
+def local_answer(scores: list[float]) -> LocalResult:
+    return LocalResult({"y": np.array([scores], dtype=np.float32)}, version=3)
+
+
+def test_router_offloads_and_records_stats() -> None:
+    cloud = FakeCloud()
+    router = Router(RoutingSettings(default_budget_ms=50), cloud)
+    res = router.route("m", {"x": np.zeros(1)}, lambda: local_answer([1, 0]), local=BUSY)
+    assert (res.target, res.version, res.met_budget, res.late) == ("cloud", 7, True, False)
+    assert cloud.calls and cloud.calls[0] <= (50 + 25) / 1000
+    res = router.route("m", {"x": np.zeros(1)}, lambda: local_answer([1, 0]), local=IDLE)
+    assert res.target == "edge"
+    assert router.stats.offload_ratio == 0.5
+    assert router.stats.met_budget_ratio == 1.0
+
+
+def test_router_falls_back_locally_when_the_cloud_fails() -> None:
+    cloud = FakeCloud(fail=CloudUnavailableError("timeout"))
+    router = Router(RoutingSettings(), cloud)
+    res = router.route("m", {}, lambda: local_answer([1, 0]), local=BUSY, budget_ms=50)
+    assert (res.target, res.fell_back, res.version) == ("edge", True, 3)
+
+
+def test_router_reraises_cloud_failure_for_cloud_only_or_no_variant() -> None:
+    cloud = FakeCloud(fail=CloudUnavailableError("timeout"))
+    router = Router(RoutingSettings(), cloud)
+    with pytest.raises(CloudUnavailableError):
+        router.route("m", {}, lambda: local_answer([1, 0]), local=IDLE, policy="cloud-only")
+    with pytest.raises(CloudUnavailableError):
+        router.route("m", {}, lambda: local_answer([1, 0]), local=LocalState(has_model=False))
+
+
+def test_router_cascade_asks_the_cloud_only_for_low_confidence() -> None:
+    cloud = FakeCloud()
+    router = Router(RoutingSettings(policy=RoutingPolicy.CASCADE, cascade_threshold=0.8), cloud)
+    sure = router.route("m", {}, lambda: local_answer([0.95, 0.05]), local=IDLE, budget_ms=100)
+    assert (sure.target, sure.escalated) == ("edge", False)
+    assert not cloud.calls
+    unsure = router.route("m", {}, lambda: local_answer([0.55, 0.45]), local=IDLE, budget_ms=100)
+    assert (unsure.target, unsure.escalated, unsure.version) == ("cloud", True, 7)
+    assert len(cloud.calls) == 1
+    cloud.fail = CloudUnavailableError("down")
+    kept = router.route("m", {}, lambda: local_answer([0.55, 0.45]), local=IDLE, budget_ms=100)
+    assert (kept.target, kept.version) == ("edge", 3)
+
+
+def test_router_marks_late_results() -> None:
+    ticks = iter([0.0, 0.2])
+    router = Router(RoutingSettings(), None, clock=lambda: next(ticks))
+    res = router.route("m", {}, lambda: local_answer([1, 0]), local=IDLE, budget_ms=50)
+    assert (res.late, res.met_budget) == (True, False)
+    assert router.stats.met_budget_ratio == 0.0
