@@ -41,7 +41,7 @@ class LinkProfile(_Model):
 class FlapProfile(_Model):
     """Connectivity flaps: a Poisson process of link outages."""
 
-    per_hour: float = Field(default=0.0, ge=0, le=3600)
+    per_hour: float = Field(default=0.0, ge=0, le=1_000_000)
     mean_down_s: float = Field(default=2.0, gt=0, le=3600)
 
 
