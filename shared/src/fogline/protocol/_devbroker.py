@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import pwd
 import secrets
 import shutil
 import socket
@@ -151,6 +153,10 @@ class MosquittoBroker:
         ]
         if not has_listener:
             lines += [f"listener {self.port} {self.host}", "allow_anonymous true"]
+        if not any(line.startswith("user ") for line in self.extra_config):
+            # Started as root, mosquitto drops to user "mosquitto", which cannot read our
+            # workdir, log file, password or ACL files: stay the user who started it.
+            lines.append(f"user {pwd.getpwuid(os.geteuid()).pw_name}")
         if not any(line.startswith("persistence") for line in self.extra_config):
             lines.append("persistence false")
         lines += self.extra_config

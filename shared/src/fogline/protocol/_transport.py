@@ -225,6 +225,9 @@ class MqttTransport:
             except (OSError, ssl.SSLError, ValueError) as exc:
                 raise ConfigError(f"mqtt TLS settings: {exc}") from None
         if will is not None:
+            # paho accepts wildcards here; the broker would then drop the connection.
+            if not will.topic or any(c in will.topic for c in "+#\x00"):
+                raise ConfigError(f"mqtt last will: topic {will.topic!r} must be concrete")
             try:
                 self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
             except ValueError as exc:
