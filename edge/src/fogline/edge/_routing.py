@@ -270,8 +270,10 @@ def _fmt(value: float | None) -> str:
 def top1_confidence(scores: np.ndarray) -> float:
     """Top-1 confidence of the first row of ``scores``: taken as probabilities when they
     already are (non-negative, summing to 1), else softmaxed from logits."""
-    row = np.asarray(scores, dtype=np.float64).reshape(-1) if scores.ndim <= 1 else (
-        np.asarray(scores[0], dtype=np.float64).reshape(-1)
+    row = (
+        np.asarray(scores, dtype=np.float64).reshape(-1)
+        if scores.ndim <= 1
+        else (np.asarray(scores[0], dtype=np.float64).reshape(-1))
     )
     if row.size == 0 or not np.all(np.isfinite(row)):
         return 0.0
@@ -417,8 +419,13 @@ class Router:
         chosen = RoutingPolicy(policy) if policy is not None else self.settings.policy
         cloud_state = self.cloud.state(model) if self.cloud is not None else CloudState()
         decision = decide(
-            policy=chosen, budget_ms=budget, local=local, cloud=cloud_state, hints=hints,
-            settings=self.settings, on_no_path=on_no_path,
+            policy=chosen,
+            budget_ms=budget,
+            local=local,
+            cloud=cloud_state,
+            hints=hints,
+            settings=self.settings,
+            on_no_path=on_no_path,
         )
         run = _Run(start, budget, decision)
 
@@ -449,8 +456,10 @@ class Router:
         spent = self._spent_ms(run.start)
         remaining = None if run.budget is None else run.budget - spent
         if not should_escalate(
-            confidence=confidence, threshold=self.settings.cascade_threshold,
-            remaining_ms=remaining, cloud_estimate_ms=estimate_cloud_ms(state),
+            confidence=confidence,
+            threshold=self.settings.cascade_threshold,
+            remaining_ms=remaining,
+            cloud_estimate_ms=estimate_cloud_ms(state),
             cloud_available=state.available and state.serves_model,
         ):
             return self._finish(run, local_result.outputs, "edge", local_result.version)
@@ -477,8 +486,15 @@ class Router:
         latency = self._spent_ms(run.start)
         late = run.decision.late or (run.budget is not None and latency > run.budget)
         result = RoutedResult(
-            outputs, target, version, latency, run.budget, run.decision.reason,
-            late=late, escalated=escalated, fell_back=fell_back,
+            outputs,
+            target,
+            version,
+            latency,
+            run.budget,
+            run.decision.reason,
+            late=late,
+            escalated=escalated,
+            fell_back=fell_back,
         )
         self.stats.record(result)
         return result

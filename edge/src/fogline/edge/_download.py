@@ -1,0 +1,196 @@
+"""Chunked artifact fetch over MQTT, resumable.
+
+The agent sends :class:`ChunkRequest` messages to ``artifacts/{sha}/get`` with its inbox
+as ``reply_to``, keeps a window of requests in flight, checks every chunk (offset, size,
+hash) on arrival, and writes it into the :class:`PartialArtifact`. Lost replies time
+out and are re-requested; while the broker is unreachable it waits instead of burning
+retries. The whole-file hash is checked by the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from fogline.protocol import (
+    ArtifactChunk,
+    ArtifactError,
+    ChunkRequest,
+    DecodeError,
+    ErrorReply,
+    FoglineError,
+    MqttMessage,
+    MqttTransport,
+    Topics,
+    decode,
+    encode,
+)
+
+from ._config import DeliveryConfig
+from ._store import PartialArtifact
+
+__all__ = ["ArtifactFetcher", "DownloadStoppedError"]
+
+log = logging.getLogger("fogline.edge.download")
+
+
+class DownloadStoppedError(Exception):
+    """The agent is stopping; the partial download stays on disk for next time."""
+
+
+@dataclass
+class _Pending:
+    index: int
+    deadline: float
+    attempts: int
+
+
+class ArtifactFetcher:
+    """Fetches artifacts for one agent; replies arrive on its ``inbox/artifacts`` topic."""
+
+    def __init__(
+        self, transport: MqttTransport, topics: Topics, device_id: str, settings: DeliveryConfig
+    ) -> None:
+        self._transport = transport
+        self._topics = topics
+        self._device_id = device_id
+        self._settings = settings
+        self.reply_topic = topics.inbox(device_id, "artifacts")
+        self._replies: queue.Queue[ArtifactChunk | ErrorReply] = queue.Queue()
+        self._lock = threading.Lock()
+        self._active: set[str] = set()  # correlation ids we wait for
+        self.requests_sent = 0
+        self.bad_chunks = 0
+
+    def subscribe(self) -> None:
+        self._transport.subscribe(self.reply_topic, self._on_reply, qos=1)
+
+    def _on_reply(self, msg: MqttMessage) -> None:
+        # Network thread: decode, keep what we asked for, hand it to the fetching thread.
+        try:
+            reply = decode(msg.payload)
+        except DecodeError as exc:
+            log.warning("dropped an undecodable artifact reply: %s", exc)
+            return
+        if not isinstance(reply, ArtifactChunk | ErrorReply):
+            log.warning("dropped an unexpected %s on %s", reply.message_type, msg.topic)
+            return
+        with self._lock:
+            if reply.correlation_id not in self._active:
+                return  # late duplicate of a retried request
+        self._replies.put(reply)
+
+    def _request(
+        self, part: PartialArtifact, pending: dict[str, _Pending], index: int, attempts: int
+    ) -> None:
+        offset, length = part.span(index)
+        corr = uuid.uuid4().hex
+        request = ChunkRequest(
+            correlation_id=corr,
+            reply_to=self.reply_topic,
+            sha256=part.sha256,
+            offset=offset,
+            length=length,
+            device_id=self._device_id,
+        )
+        with self._lock:
+            self._active.add(corr)
+        pending[corr] = _Pending(index, time.monotonic() + self._settings.chunk_timeout_s, attempts)
+        try:
+            self._transport.publish(self._topics.artifact_get(part.sha256), encode(request), qos=1)
+        except FoglineError:
+            self._forget(pending, corr)
+            raise
+        self.requests_sent += 1
+
+    def _forget(self, pending: dict[str, _Pending], corr: str) -> _Pending | None:
+        with self._lock:
+            self._active.discard(corr)
+        return pending.pop(corr, None)
+
+    def fetch(self, part: PartialArtifact, stop: threading.Event) -> None:
+        """Fill every missing chunk of ``part``. Raises :class:`ArtifactError` (with
+        ``hash_mismatch`` or ``download_failed`` in the text) or :class:`DownloadStoppedError`."""
+        todo = part.missing
+        todo.reverse()  # pop() from the end takes the lowest index first
+        pending: dict[str, _Pending] = {}
+        retries: list[tuple[int, int]] = []  # (index, attempts so far)
+        try:
+            while todo or retries or pending:
+                if stop.is_set():
+                    raise DownloadStoppedError()
+                if not self._transport.connected:
+                    # Replies are lost while we are away: re-request everything pending.
+                    for corr in list(pending):
+                        p = self._forget(pending, corr)
+                        if p is not None:
+                            retries.append((p.index, p.attempts))
+                    self._transport.wait_connected(0.5)
+                    continue
+                try:
+                    while len(pending) < self._settings.window and (retries or todo):
+                        index, attempts = retries.pop() if retries else (todo.pop(), 0)
+                        self._request(part, pending, index, attempts)
+                except FoglineError as exc:  # lost the connection mid-send
+                    log.info("chunk request not sent (%s); retrying", exc)
+                    retries.append((index, attempts))
+                    continue
+                self._receive(part, pending, retries)
+        finally:
+            for corr in list(pending):
+                self._forget(pending, corr)
+
+    def _receive(
+        self, part: PartialArtifact, pending: dict[str, _Pending], retries: list[tuple[int, int]]
+    ) -> None:
+        now = time.monotonic()
+        next_deadline = min((p.deadline for p in pending.values()), default=now + 0.5)
+        try:
+            reply = self._replies.get(timeout=max(0.01, min(next_deadline - now, 0.5)))
+        except queue.Empty:
+            reply = None
+        if reply is not None:
+            p = self._forget(pending, reply.correlation_id)
+            if p is not None:
+                problem = self._check(part, p.index, reply)
+                if problem is None:
+                    assert isinstance(reply, ArtifactChunk)
+                    part.write(p.index, reply.data)
+                else:
+                    self._retry(p, problem, retries)
+        now = time.monotonic()
+        for corr in [c for c, p in pending.items() if p.deadline <= now]:
+            p = self._forget(pending, corr)
+            if p is not None:
+                self._retry(p, "no reply in time", retries)
+
+    def _check(
+        self, part: PartialArtifact, index: int, reply: ArtifactChunk | ErrorReply
+    ) -> str | None:
+        if isinstance(reply, ErrorReply):
+            return f"artifact service answered {reply.code}: {reply.message}"
+        offset, length = part.span(index)
+        if reply.sha256 != part.sha256 or reply.offset != offset or len(reply.data) != length:
+            self.bad_chunks += 1
+            return f"chunk {index} came back with the wrong artifact, offset or size"
+        if reply.total_size != part.size:
+            self.bad_chunks += 1
+            return f"chunk {index} claims total size {reply.total_size}; manifest: {part.size}"
+        if hashlib.sha256(reply.data).hexdigest() != reply.chunk_sha256:
+            self.bad_chunks += 1
+            return f"hash_mismatch: chunk {index} does not match its sha256"
+        return None
+
+    def _retry(self, p: _Pending, problem: str, retries: list[tuple[int, int]]) -> None:
+        if p.attempts >= self._settings.chunk_retries:
+            reason = "hash_mismatch" if problem.startswith("hash_mismatch") else "download_failed"
+            raise ArtifactError(
+                f"{reason}: chunk {p.index} failed {p.attempts + 1} times; last: {problem}"
+            )
+        log.info("chunk %d: %s; retrying", p.index, problem)
+        retries.append((p.index, p.attempts + 1))

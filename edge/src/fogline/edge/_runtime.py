@@ -1,0 +1,309 @@
+"""ONNX Runtime sessions: load, warm up, self-test, validate inputs, swap atomically.
+
+A :class:`ModelSlot` holds one immutable :class:`LoadedModel`. A request reads the slot
+once and runs on what it got, so a swap never disturbs requests in flight: they finish
+on the old session, which is freed when the last of them drops its reference.
+
+onnxruntime exceptions become Fogline errors in :func:`_translate_ort` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from fogline.protocol import (
+    FoglineError,
+    InferenceInputError,
+    InvalidModelError,
+    ModelError,
+    Tensor,
+    TensorSpec,
+)
+
+__all__ = ["LoadedModel", "ModelSlot", "SessionCache", "load_model", "run_model", "self_test"]
+
+log = logging.getLogger("fogline.edge.runtime")
+
+_ORT_DTYPES = {
+    "tensor(bool)": "bool",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(float16)": "float16",
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+}
+_WARMUP_RUNS = 3
+
+
+def _translate_ort(exc: Exception, action: str) -> FoglineError:
+    """The one place where onnxruntime's exceptions become Fogline errors."""
+    text = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
+    name = type(exc).__name__
+    if name in ("InvalidArgument", "InvalidProtobuf") and action == "run":
+        return InferenceInputError(f"onnxruntime rejected the inputs: {text}")
+    if action == "run":
+        return ModelError(f"inference failed: {name}: {text}")
+    return InvalidModelError(f"{action}: {name}: {text}")
+
+
+@dataclass(frozen=True)
+class _InputCheck:
+    name: str
+    dtype: np.dtype[Any]
+    rank: int
+    fixed: tuple[tuple[int, int], ...]  # (axis, size) for every non-dynamic axis
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A ready session and what it serves. Immutable; replaced whole on a swap."""
+
+    name: str
+    version: int
+    sha256: str
+    session: Any  # onnxruntime.InferenceSession
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    output_names: tuple[str, ...]
+    checks: tuple[_InputCheck, ...]
+    path: Path | None = None
+
+
+class ModelSlot:
+    """The currently served model of one name; ``current`` is read without a lock."""
+
+    __slots__ = ("__weakref__", "_lock", "current")
+
+    def __init__(self, model: LoadedModel | None = None) -> None:
+        self.current: LoadedModel | None = model
+        self._lock = threading.Lock()
+
+    def swap(self, model: LoadedModel) -> LoadedModel | None:
+        """Make ``model`` current; returns the one it replaced. A single attribute store
+        is atomic, so readers see either the old or the new model, never a mix."""
+        with self._lock:
+            old, self.current = self.current, model
+        return old
+
+
+class SessionCache:
+    """Shares loaded sessions between agents of one process (simulated fleets), keyed
+    by (artifact sha256, intra-op threads). Entries vanish when no agent uses them."""
+
+    def __init__(self) -> None:
+        self._sessions: weakref.WeakValueDictionary[tuple[str, int], Any] = (
+            weakref.WeakValueDictionary()
+        )
+        self._lock = threading.Lock()
+
+    def get_or_load(self, sha256: str, threads: int, path: Path) -> Any:
+        key = (sha256, threads)
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None:
+                session = _new_session(path, threads)
+                self._sessions[key] = session
+            return session
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+def _new_session(path: Path, threads: int) -> Any:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise _translate_ort(exc, f"cannot load {path.name}") from None
+
+
+def _specs_from_session(items: Sequence[Any]) -> tuple[TensorSpec, ...]:
+    specs = []
+    for item in items:
+        dtype = _ORT_DTYPES.get(item.type)
+        if dtype is None:
+            raise InvalidModelError(f"tensor {item.name!r} has unsupported type {item.type}")
+        shape = [d if isinstance(d, int) and d >= 0 else -1 for d in (item.shape or [])]
+        specs.append(TensorSpec(name=item.name, dtype=dtype, shape=shape))  # type: ignore[arg-type]
+    return tuple(specs)
+
+
+def _compatible(declared: Sequence[TensorSpec], actual: Sequence[TensorSpec], what: str) -> None:
+    """The manifest's specs must describe the session: same names, dtypes and ranks, and
+    no fixed axis that the model contradicts."""
+    by_name = {s.name: s for s in actual}
+    if set(by_name) != {s.name for s in declared}:
+        raise InvalidModelError(
+            f"{what} names {sorted(s.name for s in declared)} in the manifest do not match "
+            f"the model's {sorted(by_name)}"
+        )
+    for spec in declared:
+        real = by_name[spec.name]
+        if real.dtype != spec.dtype or len(real.shape) != len(spec.shape):
+            raise InvalidModelError(
+                f"{what} {spec.name!r}: manifest says {spec.dtype}{spec.shape}, "
+                f"model has {real.dtype}{real.shape}"
+            )
+        for want, have in zip(spec.shape, real.shape, strict=True):
+            if want != -1 and have != -1 and want != have:
+                raise InvalidModelError(f"{what} {spec.name!r}: axis {want} vs model {have}")
+
+
+def load_model(
+    name: str,
+    version: int,
+    sha256: str,
+    path: Path,
+    *,
+    threads: int,
+    inputs: Sequence[TensorSpec] | None = None,
+    outputs: Sequence[TensorSpec] | None = None,
+    cache: SessionCache | None = None,
+) -> LoadedModel:
+    """Load an ONNX file with the device's thread budget and warm it up. ``inputs`` and
+    ``outputs`` (the manifest's specs) are checked against the model; by default the
+    model's own are used. Raises :class:`InvalidModelError`."""
+    session = cache.get_or_load(sha256, threads, path) if cache else _new_session(path, threads)
+    real_in = _specs_from_session(session.get_inputs())
+    real_out = _specs_from_session(session.get_outputs())
+    if inputs is not None:
+        _compatible(inputs, real_in, "input")
+    if outputs is not None:
+        _compatible(outputs, real_out, "output")
+    in_specs = tuple(inputs) if inputs is not None else real_in
+    out_specs = tuple(outputs) if outputs is not None else real_out
+    checks = tuple(
+        _InputCheck(
+            s.name,
+            np.dtype(s.dtype),
+            len(s.shape),
+            tuple((i, d) for i, d in enumerate(s.shape) if d != -1),
+        )
+        for s in in_specs
+    )
+    model = LoadedModel(
+        name=name,
+        version=version,
+        sha256=sha256,
+        session=session,
+        inputs=in_specs,
+        outputs=out_specs,
+        output_names=tuple(s.name for s in out_specs),
+        checks=checks,
+        path=path,
+    )
+    _warm_up(model)
+    return model
+
+
+def _example_inputs(model: LoadedModel) -> dict[str, np.ndarray]:
+    """Zeros of each input's shape, dynamic axes set to 1."""
+    return {
+        s.name: np.zeros([d if d != -1 else 1 for d in s.shape], dtype=np.dtype(s.dtype))
+        for s in model.inputs
+    }
+
+
+def _warm_up(model: LoadedModel) -> None:
+    feed = _example_inputs(model)
+    for _ in range(_WARMUP_RUNS):
+        try:
+            model.session.run(None, feed)
+        except Exception as exc:
+            raise InvalidModelError(
+                f"warm-up run failed: {_translate_ort(exc, 'run').message}"
+            ) from None
+
+
+def self_test(model: LoadedModel, example: Mapping[str, Tensor] | None) -> None:
+    """Run the manifest's example input (or zeros): outputs must be finite and match the
+    output specs. Raises :class:`InvalidModelError`."""
+    try:
+        feed = {k: v.to_numpy() for k, v in example.items()} if example else _example_inputs(model)
+        outputs = run_model(model, feed)
+    except FoglineError as exc:
+        raise InvalidModelError(f"self-test run failed: {exc.message}") from None
+    for spec in model.outputs:
+        out = outputs[spec.name]
+        if out.dtype != np.dtype(spec.dtype):
+            raise InvalidModelError(
+                f"self-test: output {spec.name!r} is {out.dtype}, expected {spec.dtype}"
+            )
+        if out.ndim != len(spec.shape) or any(
+            d != -1 and d != real for d, real in zip(spec.shape, out.shape, strict=False)
+        ):
+            raise InvalidModelError(
+                f"self-test: output {spec.name!r} has shape {list(out.shape)}, not {spec.shape}"
+            )
+        if out.dtype.kind == "f" and not bool(np.isfinite(out).all()):
+            raise InvalidModelError(f"self-test: output {spec.name!r} is not finite")
+
+
+def _reject(model: LoadedModel, inputs: Mapping[str, Any]) -> InferenceInputError:
+    """Explain why ``inputs`` do not fit ``model`` (slow path, only on bad input)."""
+    expected = {c.name for c in model.checks}
+    missing, extra = sorted(expected - set(inputs)), sorted(set(inputs) - expected)
+    if missing or extra:
+        return InferenceInputError(
+            f"model {model.name!r} takes {sorted(expected)}: missing {missing}, unknown {extra}"
+        )
+    for check in model.checks:
+        value = inputs[check.name]
+        if not isinstance(value, np.ndarray):
+            return InferenceInputError(
+                f"input {check.name!r} must be a numpy array, got {type(value).__name__}"
+            )
+        if value.dtype != check.dtype:
+            return InferenceInputError(
+                f"input {check.name!r} must be {check.dtype}, got {value.dtype}"
+            )
+        spec = next(s for s in model.inputs if s.name == check.name)
+        if value.ndim != check.rank or any(value.shape[i] != d for i, d in check.fixed):
+            return InferenceInputError(
+                f"input {check.name!r} has shape {list(value.shape)}, expected {spec.shape}"
+            )
+        if math.prod(value.shape) == 0:
+            return InferenceInputError(f"input {check.name!r} is empty (shape {list(value.shape)})")
+    return InferenceInputError(f"inputs do not fit model {model.name!r}")
+
+
+def run_model(model: LoadedModel, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Validate ``inputs`` against the model's specs and run it. Hot path: no allocation
+    beyond ORT's own, no logging, no locks."""
+    if len(inputs) != len(model.checks):
+        raise _reject(model, inputs)
+    for check in model.checks:
+        value = inputs.get(check.name)
+        if (
+            value is None
+            or value.__class__ is not np.ndarray
+            or value.dtype != check.dtype
+            or value.ndim != check.rank
+        ):
+            raise _reject(model, inputs)
+        shape = value.shape
+        for axis, size in check.fixed:
+            if shape[axis] != size:
+                raise _reject(model, inputs)
+    try:
+        outputs = model.session.run(model.output_names, inputs)
+    except Exception as exc:
+        raise _translate_ort(exc, "run") from None
+    return dict(zip(model.output_names, outputs, strict=True))

@@ -1,0 +1,234 @@
+"""The model store on disk, under the agent's data directory::
+
+    models/<model>/state.json         {"current": {...}, "previous": {...}}
+    models/<model>/<version>-<sha>.onnx
+    downloads/<sha>.part              a partial artifact, written at chunk offsets
+    downloads/<sha>.chunks            indices of verified chunks, one per line
+
+Every write that matters is atomic: temp file, fsync, rename, fsync of the directory.
+A chunk index is appended only after its bytes are synced, so after a crash the record
+never claims a chunk that is not on disk; a restart re-requests only missing chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fogline.protocol import ArtifactError, TensorSpec
+
+__all__ = ["InstalledModel", "ModelStore", "PartialArtifact", "atomic_write"]
+
+log = logging.getLogger("fogline.edge.store")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so a crash leaves the old or the new file, whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    _fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """One installed version, with the specs from its signed manifest."""
+
+    model: str
+    version: int
+    sha256: str
+    file: str
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+
+    def input_specs(self) -> list[TensorSpec] | None:
+        return [TensorSpec.model_validate(s) for s in self.inputs] or None
+
+    def output_specs(self) -> list[TensorSpec] | None:
+        return [TensorSpec.model_validate(s) for s in self.outputs] or None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InstalledModel:
+        return cls(
+            model=str(data["model"]),
+            version=int(data["version"]),
+            sha256=str(data["sha256"]),
+            file=str(data["file"]),
+            inputs=list(data.get("inputs", [])),
+            outputs=list(data.get("outputs", [])),
+        )
+
+
+class PartialArtifact:
+    """A download in progress: the ``.part`` file plus its record of verified chunks."""
+
+    def __init__(self, directory: Path, sha256: str, size: int, chunk_size: int) -> None:
+        self.sha256 = sha256
+        self.size = size
+        self.chunk_size = chunk_size
+        self.count = (size + chunk_size - 1) // chunk_size
+        self.path = directory / f"{sha256}.part"
+        self.record = directory / f"{sha256}.chunks"
+        self._meta = directory / f"{sha256}.meta"
+        self.done: set[int] = set()
+        self._open(directory)
+
+    def _open(self, directory: Path) -> None:
+        meta = {"size": self.size, "chunk_size": self.chunk_size}
+        if self._meta.exists():
+            try:
+                same = json.loads(self._meta.read_text()) == meta
+            except (OSError, ValueError):
+                same = False
+            if not same:  # another chunking: start over
+                self.discard()
+        if not self._meta.exists():
+            atomic_write(self._meta, json.dumps(meta).encode())
+        if self.record.exists():
+            for line in self.record.read_text().split():
+                if line.isdigit() and int(line) < self.count:
+                    self.done.add(int(line))
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._rec = open(self.record, "a")  # noqa: SIM115 - closed in close()
+
+    @property
+    def missing(self) -> list[int]:
+        return [i for i in range(self.count) if i not in self.done]
+
+    def span(self, index: int) -> tuple[int, int]:
+        offset = index * self.chunk_size
+        return offset, min(self.chunk_size, self.size - offset)
+
+    def write(self, index: int, data: bytes) -> None:
+        offset, length = self.span(index)
+        if len(data) != length:
+            raise ArtifactError(f"chunk {index} is {len(data)} bytes; expected {length}")
+        os.pwrite(self._fd, data, offset)
+        os.fdatasync(self._fd)
+        self._rec.write(f"{index}\n")
+        self._rec.flush()
+        os.fsync(self._rec.fileno())
+        self.done.add(index)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        with contextlib.suppress(OSError):
+            self._rec.close()
+
+    def discard(self) -> None:
+        """Forget every chunk (e.g. after a whole-file hash mismatch)."""
+        if hasattr(self, "_fd"):
+            self.close()
+        for p in (self.path, self.record, self._meta):
+            p.unlink(missing_ok=True)
+        self.done.clear()
+
+
+class ModelStore:
+    """Installed models (current + last good) and partial downloads on disk."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = Path(data_dir)
+        self.models_dir = self.root / "models"
+        self.downloads_dir = self.root / "downloads"
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.downloads_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    # -- reading --------------------------------------------------------------------------
+    def _state_path(self, model: str) -> Path:
+        return self.models_dir / model / "state.json"
+
+    def state(self, model: str) -> dict[str, InstalledModel]:
+        path = self._state_path(model)
+        try:
+            raw = json.loads(path.read_text())
+            return {k: InstalledModel.from_json(v) for k, v in raw.items() if v}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error(
+                "model state %s is unreadable (%s); treating %s as not installed", path, exc, model
+            )
+            return {}
+
+    def current(self, model: str) -> InstalledModel | None:
+        return self.state(model).get("current")
+
+    def previous(self, model: str) -> InstalledModel | None:
+        return self.state(model).get("previous")
+
+    def installed_models(self) -> list[str]:
+        return sorted(p.parent.name for p in self.models_dir.glob("*/state.json"))
+
+    def path_of(self, record: InstalledModel) -> Path:
+        return self.models_dir / record.model / record.file
+
+    def local_file(self, model: str, sha256: str) -> Path | None:
+        """An installed file with this hash (e.g. the last good model), if any."""
+        for rec in self.state(model).values():
+            if rec.sha256 == sha256 and self.path_of(rec).exists():
+                return self.path_of(rec)
+        return None
+
+    # -- downloads ---------------------------------------------------------------------------
+    def partial(self, sha256: str, size: int, chunk_size: int) -> PartialArtifact:
+        return PartialArtifact(self.downloads_dir, sha256, size, chunk_size)
+
+    # -- installing ----------------------------------------------------------------------------
+    def place(self, model: str, version: int, sha256: str, source: Path, *, move: bool) -> Path:
+        """Put a verified artifact under ``models/<model>/`` atomically; not yet current."""
+        directory = self.models_dir / model
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / f"{version}-{sha256[:16]}.onnx"
+        if target.exists():
+            return target
+        if move:
+            with open(source, "rb+") as fh:
+                os.fsync(fh.fileno())
+            source.replace(target)
+        else:
+            atomic_write(target, source.read_bytes())
+        _fsync_dir(directory)
+        return target
+
+    def commit(self, record: InstalledModel) -> None:
+        """Make ``record`` current; the old current becomes the last good (previous)."""
+        with self._lock:
+            state = self.state(record.model)
+            old = state.get("current")
+            new_state: dict[str, Any] = {"current": asdict(record)}
+            if old is not None and old.sha256 != record.sha256:
+                new_state["previous"] = asdict(old)
+            elif "previous" in state:
+                new_state["previous"] = asdict(state["previous"])
+            atomic_write(self._state_path(record.model), json.dumps(new_state, indent=1).encode())
+            keep = {r["file"] for r in new_state.values()}
+            for path in (self.models_dir / record.model).glob("*.onnx"):
+                if path.name not in keep:
+                    path.unlink(missing_ok=True)
+
+    def forget_file(self, path: Path) -> None:
+        """Remove a placed file that never became current (failed self-test)."""
+        with self._lock:
+            names = {r.file for r in self.state(path.parent.name).values()}
+            if path.name not in names:
+                path.unlink(missing_ok=True)

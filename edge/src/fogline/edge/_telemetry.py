@@ -1,0 +1,285 @@
+"""Telemetry: retained online state with an offline last will, heartbeats and events.
+
+Heartbeats and events go through an outbox: sent at once while connected, otherwise
+kept in a bounded SQLite queue under the data directory and flushed, in order, after the
+next connect. Beyond the bound the oldest rows are dropped; drops are counted (and the
+count survives restarts) and reported in the next heartbeat as ``telemetry_dropped``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fogline.protocol import (
+    DeviceEvent,
+    DeviceState,
+    EventKind,
+    FoglineError,
+    Heartbeat,
+    Message,
+    MqttTransport,
+    Topics,
+    Will,
+    encode,
+)
+
+__all__ = ["Outbox", "Telemetry", "offline_will"]
+
+log = logging.getLogger("fogline.edge.telemetry")
+
+AGENT_VERSION = "0.1.0"
+_FLUSH_ACK_TIMEOUT_S = 5.0
+
+
+def offline_will(
+    topics: Topics, device_id: str, device_class: str, groups: list[str], at: float
+) -> Will:
+    """The last will: a retained ``offline`` state the broker publishes if we die."""
+    state = DeviceState(
+        device_id=device_id,
+        status="offline",
+        at=at,
+        device_class=device_class,
+        groups=groups,
+        agent_version=AGENT_VERSION,
+    )
+    return Will(topic=topics.device_state(device_id), payload=encode(state), qos=1, retain=True)
+
+
+class Outbox:
+    """A bounded FIFO of (topic, payload) on disk."""
+
+    def __init__(self, path: Path, bound: int) -> None:
+        self.bound = bound
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " topic TEXT NOT NULL, payload BLOB NOT NULL)"
+        )
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
+        row = self._db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()
+        self.dropped = int(row[0]) if row else 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def put(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            if self.bound == 0:
+                self._count_drop(1)
+                return
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT INTO outbox (topic, payload) VALUES (?, ?)", (topic, payload))
+            (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+            excess = int(count) - self.bound
+            if excess > 0:  # keep the freshest: drop the oldest, and say so
+                self._db.execute(
+                    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)",
+                    (excess,),
+                )
+                self._count_drop(excess)
+            self._db.execute("COMMIT")
+
+    def _count_drop(self, n: int) -> None:
+        self.dropped += n
+        self._db.execute(
+            "INSERT INTO meta (key, value) VALUES ('dropped', ?)"
+            " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (self.dropped,),
+        )
+
+    def peek(self, limit: int = 100) -> list[tuple[int, str, bytes]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, topic, payload FROM outbox ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+        return [(int(i), str(t), bytes(p)) for i, t, p in rows]
+
+    def remove(self, row_id: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM outbox WHERE id=?", (row_id,))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class Telemetry:
+    """Publishes state, heartbeats and events for one agent, from its own thread."""
+
+    def __init__(
+        self,
+        *,
+        transport: MqttTransport,
+        topics: Topics,
+        device_id: str,
+        device_class: str,
+        groups: list[str],
+        interval_s: float,
+        outbox: Outbox,
+        heartbeat: Callable[[int], Heartbeat],
+        clock: Callable[[], float] = time.time,
+        on_tick: Callable[[], None] | None = None,
+    ) -> None:
+        self._transport = transport
+        self._topics = topics
+        self.device_id = device_id
+        self._device_class = device_class
+        self._groups = groups
+        self.interval_s = interval_s
+        self.outbox = outbox
+        self._heartbeat = heartbeat
+        self._clock = clock
+        self._on_tick = on_tick
+        self._send_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._connect_pending = False
+        self._seq = 0
+        self._thread: threading.Thread | None = None
+        transport.add_connection_listener(self._on_connection)
+
+    # -- public ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name=f"telemetry-{self.device_id}", daemon=True
+        )
+        self._thread.start()
+        if self._transport.connected:
+            self._on_connection(True)
+
+    def stop(self, *, publish_offline: bool = True) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if publish_offline and self._transport.connected:
+            try:
+                self._transport.publish(
+                    self._topics.device_state(self.device_id),
+                    encode(self._state("offline")),
+                    qos=1,
+                    retain=True,
+                    wait=True,
+                    timeout=2.0,
+                )
+            except FoglineError as exc:
+                log.warning("could not publish the offline state: %s", exc)
+
+    @property
+    def dropped(self) -> int:
+        return self.outbox.dropped
+
+    def event(
+        self,
+        kind: EventKind,
+        *,
+        model: str | None = None,
+        version: int | None = None,
+        reason: str = "",
+        detail: str = "",
+    ) -> None:
+        """Publish a :class:`DeviceEvent` (kept on disk while offline)."""
+        msg = DeviceEvent(
+            device_id=self.device_id,
+            kind=kind,
+            at=self._clock(),
+            model=model,
+            version=version,
+            reason=reason,
+            detail=detail[:2048],
+        )
+        log.info("event %s model=%s version=%s reason=%s %s", kind, model, version, reason, detail)
+        self.send(self._topics.events(self.device_id), msg)
+
+    def send(self, topic: str, message: Message) -> None:
+        """Publish now if connected and nothing older waits; else queue on disk."""
+        payload = encode(message)
+        with self._send_lock:
+            if self._transport.connected and not self._connect_pending and len(self.outbox) == 0:
+                try:
+                    self._transport.publish(topic, payload, qos=1)
+                    return
+                except FoglineError:
+                    pass
+            self.outbox.put(topic, payload)
+            if self._transport.connected:  # queued behind older rows: flush soon
+                self._connect_pending = True
+                self._wake.set()
+
+    def heartbeat_now(self) -> Heartbeat:
+        """Build and send one heartbeat (the thread does this every interval)."""
+        hb = self._heartbeat(self._seq)
+        self._seq += 1
+        self.send(self._topics.heartbeat(self.device_id), hb)
+        return hb
+
+    # -- internals ---------------------------------------------------------------------------
+    def _state(self, status: str) -> DeviceState:
+        return DeviceState(
+            device_id=self.device_id,
+            status=status,  # type: ignore[arg-type]
+            at=self._clock(),
+            device_class=self._device_class,
+            groups=self._groups,
+            agent_version=AGENT_VERSION,
+        )
+
+    def _on_connection(self, up: bool) -> None:
+        # Network thread: only flag and wake; the telemetry thread does the publishing.
+        if up:
+            self._connect_pending = True
+            self._wake.set()
+
+    def _run(self) -> None:
+        next_beat = time.monotonic()
+        while not self._stop.is_set():
+            if self._connect_pending and self._transport.connected:
+                self._announce_and_flush()
+            now = time.monotonic()
+            if now >= next_beat:
+                try:
+                    self.heartbeat_now()
+                    if self._on_tick is not None:
+                        self._on_tick()
+                except Exception:
+                    log.exception("heartbeat failed")
+                next_beat = now + self.interval_s
+            self._wake.wait(max(0.0, next_beat - time.monotonic()))
+            self._wake.clear()
+
+    def _announce_and_flush(self) -> None:
+        try:
+            self._transport.publish(
+                self._topics.device_state(self.device_id),
+                encode(self._state("online")),
+                qos=1,
+                retain=True,
+            )
+            while not self._stop.is_set():
+                rows = self.outbox.peek()
+                if not rows:
+                    break
+                for row_id, topic, payload in rows:
+                    self._transport.publish(
+                        topic, payload, qos=1, wait=True, timeout=_FLUSH_ACK_TIMEOUT_S
+                    )
+                    self.outbox.remove(row_id)
+            with self._send_lock:
+                if len(self.outbox) == 0:
+                    self._connect_pending = False
+                else:
+                    self._wake.set()
+        except FoglineError as exc:
+            log.warning("telemetry flush interrupted (%s); will retry on reconnect", exc)
+            if self._transport.connected:
+                self._wake.set()

@@ -1,0 +1,176 @@
+"""``fogline-edge``: run an agent in the foreground, or print its local state.
+
+Stdlib argparse on purpose: the edge stays light (no typer, no rich).
+
+    fogline-edge run --config agent.toml [--json]
+    fogline-edge status --config agent.toml [--json]    (or --data-dir DIR)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from fogline.protocol import FoglineError
+
+from ._agent import STATUS_FILE, Agent
+from ._config import load_config
+
+__all__ = ["main"]
+
+log = logging.getLogger("fogline.edge.cli")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": record.created,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(as_json: bool, verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if as_json:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("paho").setLevel(logging.WARNING)
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    agent = Agent(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent.start()
+    serving = {name: m.version for name, m in agent.models().items()}
+    ready = {
+        "event": "ready",
+        "device_id": config.device_id,
+        "http_url": agent.http_url,
+        "models": serving,
+    }
+    if args.json:
+        _out(json.dumps(ready))
+    else:
+        what = serving or "nothing yet"
+        _out(f"fogline-edge {config.device_id} serving {what} at {agent.http_url}")
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        agent.stop()
+    if args.json:
+        _out(json.dumps({"event": "stopped", "device_id": config.device_id}))
+    return 0
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _status(args: argparse.Namespace) -> int:
+    if args.data_dir is not None:
+        data_dir = Path(args.data_dir)
+    else:
+        data_dir = load_config(args.config).data_dir
+    path = data_dir / STATUS_FILE
+    try:
+        status: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FoglineError(f"no status at {path}: has the agent run with this data dir?") from None
+    except (OSError, ValueError) as exc:
+        raise FoglineError(f"cannot read {path}: {exc}") from None
+    if args.json:
+        _out(json.dumps(status, indent=1))
+        return 0
+    models = ", ".join(f"{n} v{m['version']}" for n, m in status.get("models", {}).items())
+    rows = [
+        ("device", f"{status['device_id']} ({status['device_class']})"),
+        ("connected", str(status["connected"])),
+        ("models", models or "-"),
+        (
+            "requests",
+            f"{status['requests']} ({status['errors']} errors, {status['refused']} refused)",
+        ),
+        (
+            "latency",
+            f"p50 {status['latency_p50_ms']:.3f} ms, p99 {status['latency_p99_ms']:.3f} ms",
+        ),
+        (
+            "in flight",
+            f"{status['in_flight']} / {status['max_in_flight']}, queue {status['queue_depth']}",
+        ),
+        (
+            "telemetry",
+            f"{status['telemetry_queued']} queued, {status['telemetry_dropped']} dropped",
+        ),
+        ("http", str(status.get("http_url") or "-")),
+        ("uptime", f"{status['uptime_s']:.0f} s"),
+    ]
+    _out(_table(rows))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fogline-edge", description="Fogline edge agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the agent in the foreground")
+    run.add_argument("--config", required=True, type=Path, help="agent TOML file")
+    run.add_argument("--json", action="store_true", help="JSON output and JSON log lines")
+    run.add_argument("-v", "--verbose", action="store_true")
+    status = sub.add_parser("status", help="print the agent's local state")
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", type=Path, help="agent TOML file (for its data dir)")
+    where.add_argument("--data-dir", type=Path)
+    status.add_argument("--json", action="store_true")
+    status.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.json, args.verbose)
+    try:
+        if args.command == "run":
+            return _run(args)
+        return _status(args)
+    except FoglineError as exc:
+        if args.json:
+            _out(json.dumps({"error": exc.message, "code": exc.code}))
+        else:
+            sys.stderr.write(f"fogline-edge: {exc.message}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
