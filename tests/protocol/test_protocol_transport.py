@@ -434,17 +434,22 @@ class RefusingBroker:
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
         self._conns: list[socket.socket] = []
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="refusing-broker", daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
-        try:
-            while True:
+        self._server.settimeout(0.1)  # accept() would not wake up on close()
+        while not self._stop.is_set():
+            try:
                 conn, _ = self._server.accept()
-                self._conns.append(conn)
-                threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-        except OSError:
-            return  # closed
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            self._conns.append(conn)
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
 
     @staticmethod
     def _read_packet(conn: socket.socket) -> tuple[int, bytes]:
@@ -481,12 +486,13 @@ class RefusingBroker:
             conn.close()
 
     def close(self) -> None:
+        self._stop.set()
+        self._thread.join(WAIT)
         self._server.close()
         for conn in self._conns:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
-        self._thread.join(WAIT)
 
 
 def test_refused_subscription_raises_with_wait(clients: Callable[..., MqttTransport]) -> None:
