@@ -4,8 +4,7 @@ amqtt broker. Each test uses its own topics, so the session brokers can be share
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import ipaddress
+import importlib.util
 import signal
 import socket
 import subprocess
@@ -14,12 +13,9 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from fogline.protocol import (
     BrokerUnavailableError,
@@ -36,6 +32,18 @@ from fogline.protocol import (
 )
 
 CHILD = Path(__file__).with_name("_mqtt_child.py")
+
+
+def _load_sibling(name: str) -> ModuleType:
+    # Test folders are not packages (pytest's importlib mode): load helpers by path.
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+write_tls_material = _load_sibling("_tls").write_tls_material
 WAIT = 15.0  # generous: the machine is shared; this bounds a hang, it does not time anything
 
 
@@ -511,73 +519,11 @@ def test_refused_subscription_raises_with_wait(clients: Callable[..., MqttTransp
 # -- TLS -------------------------------------------------------------------------------------
 
 
-def _write_tls_material(directory: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1/localhost signed by it."""
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fogline test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_path, cert_path, key_path = (
-        directory / "ca.crt", directory / "server.crt", directory / "server.key"
-    )
-    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    cert_path.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        server_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return ca_path, cert_path, key_path
-
-
 @pytest.fixture
 def tls_broker(
     private_mosquitto: Callable[..., MosquittoBroker], tmp_path: Path
 ) -> tuple[MosquittoBroker, int, Path]:
-    ca, cert, key = _write_tls_material(tmp_path)
+    ca, cert, key = write_tls_material(tmp_path)
     plain, tls = free_port(), free_port()
     broker = private_mosquitto(
         [
@@ -616,7 +562,7 @@ def test_tls_refuses_a_server_signed_by_an_unknown_ca(
     _broker, tls_port, _ca = tls_broker
     other = tmp_path / "other"
     other.mkdir()
-    other_ca, _, _ = _write_tls_material(other)
+    other_ca, _, _ = write_tls_material(other)
     settings = MqttSettings(url=f"mqtts://127.0.0.1:{tls_port}", tls_ca=other_ca)
     before = _paho_threads()
     with pytest.raises(BrokerUnavailableError):
