@@ -159,7 +159,9 @@ class ReleaseKit:
             sequence=sequence,
             issued_at=time.time(),
             key_id="unsigned",
-            models={m: DesiredModel(version=v, allow_rollback=allow_rollback) for m, v in models.items()},
+            models={
+                m: DesiredModel(version=v, allow_rollback=allow_rollback) for m, v in models.items()
+            },
         )
         return sign_desired(state, key or self.key)
 
@@ -183,7 +185,9 @@ class ArtifactServer:
         self.tamper: dict[tuple[str, int], Callable[[bytes], bytes]] = {}
         self.requests: Counter[tuple[str, int]] = Counter()
         self._queue: queue.Queue[ChunkRequest | None] = queue.Queue()
-        self._transport = MqttTransport(settings, client_id=f"artifact-server-{uuid.uuid4().hex[:8]}")
+        self._transport = MqttTransport(
+            settings, client_id=f"artifact-server-{uuid.uuid4().hex[:8]}"
+        )
         self._thread = threading.Thread(target=self._serve, daemon=True)
 
     def add(self, data: bytes) -> str:
@@ -219,7 +223,9 @@ class ArtifactServer:
             data = self.artifacts.get(req.sha256)
             reply: Message
             if data is None:
-                reply = ErrorReply(correlation_id=req.correlation_id, code="artifact_error", message="unknown")
+                reply = ErrorReply(
+                    correlation_id=req.correlation_id, code="artifact_error", message="unknown"
+                )
             else:
                 chunk = data[req.offset : req.offset + req.length]
                 fn = self.tamper.get((req.sha256, req.offset))
@@ -242,13 +248,28 @@ class ArtifactServer:
 class Observer:
     """Collects every decoded message on a device's state/heartbeat/events topics."""
 
-    def __init__(self, settings: MqttSettings, topics: Topics, device_id: str) -> None:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        topics: Topics,
+        device_id: str,
+        client_id: str | None = None,
+        clean_session: bool = True,
+    ) -> None:
         self.topics = topics
         self.device_id = device_id
         self.messages: list[tuple[str, Message, bool]] = []
         self._cond = threading.Condition()
-        self.transport = MqttTransport(settings, client_id=f"observer-{uuid.uuid4().hex[:8]}")
-        for topic in (topics.device_state(device_id), topics.heartbeat(device_id), topics.events(device_id)):
+        self.transport = MqttTransport(
+            settings,
+            client_id=client_id or f"observer-{uuid.uuid4().hex[:8]}",
+            clean_session=clean_session,
+        )
+        for topic in (
+            topics.device_state(device_id),
+            topics.heartbeat(device_id),
+            topics.events(device_id),
+        ):
             self.transport.subscribe(topic, self._on_message, qos=1)
 
     def start(self) -> Observer:
@@ -271,7 +292,9 @@ class Observer:
             return [m for _t, m, _r in self.messages if isinstance(m, kind)]
 
     def events(self, **match: Any) -> list[DeviceEvent]:
-        return [e for e in self.of(DeviceEvent) if all(getattr(e, k) == v for k, v in match.items())]
+        return [
+            e for e in self.of(DeviceEvent) if all(getattr(e, k) == v for k, v in match.items())
+        ]
 
     def heartbeats(self) -> list[Heartbeat]:
         return self.of(Heartbeat)
@@ -288,7 +311,9 @@ class Observer:
                     return value
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"timed out after {timeout}s waiting; saw {self.summary()}")
+                    raise AssertionError(
+                        f"timed out after {timeout}s waiting; saw {self.summary()}"
+                    )
                 self._cond.wait(min(left, 0.2))
 
     def wait_event(self, timeout: float = 15.0, **match: Any) -> DeviceEvent:
@@ -312,3 +337,30 @@ def predicate_value(predicate: Callable[[], Any]) -> Any:
         return predicate()
     except (KeyError, IndexError):
         return None
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Just enough TOML for agent configs (scalars, lists, nested tables)."""
+    lines = [
+        f"{k} = {_toml_value(v)}"
+        for k, v in data.items()
+        if not isinstance(v, dict) and v is not None
+    ]
+    for key, value in data.items():
+        if isinstance(value, dict):
+            name = f"{prefix}{key}"
+            lines.append(f"\n[{name}]")
+            lines.append(to_toml(value, name + "."))
+    return "\n".join(lines)

@@ -68,14 +68,22 @@ def test_local_first_breaker_open_runs_late_locally() -> None:
 def test_refuse_raises_budget_exceeded_at_once() -> None:
     with pytest.raises(BudgetExceededError, match=r"50\.0 ms budget"):
         decide(
-            policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=BUSY, cloud=DOWN,
+            policy=RoutingPolicy.LOCAL_FIRST,
+            budget_ms=50,
+            local=BUSY,
+            cloud=DOWN,
             on_no_path="refuse",
         )
     settings = RoutingSettings(on_no_path="refuse")
     slow_cloud = CloudState(available=True, rtt_ms=80, service_ms=5)
     with pytest.raises(BudgetExceededError):
-        decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=BUSY, cloud=slow_cloud,
-               settings=settings)
+        decide(
+            policy=RoutingPolicy.LOCAL_FIRST,
+            budget_ms=50,
+            local=BUSY,
+            cloud=slow_cloud,
+            settings=settings,
+        )
 
 
 def test_unknown_local_estimate_counts_as_meeting_the_budget() -> None:
@@ -98,7 +106,10 @@ def test_a_stressed_device_prefers_offloading(hints: LoadHints, reason: str) -> 
 
 def test_a_stressed_device_stays_local_when_the_cloud_is_down() -> None:
     d = decide(
-        policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=IDLE, cloud=DOWN,
+        policy=RoutingPolicy.LOCAL_FIRST,
+        budget_ms=50,
+        local=IDLE,
+        cloud=DOWN,
         hints=LoadHints(thermal="critical"),
     )
     assert d.target == "edge"
@@ -116,8 +127,12 @@ def test_cloud_first() -> None:
 def test_local_only_and_cloud_only() -> None:
     assert decide(policy=RoutingPolicy.LOCAL_ONLY, budget_ms=50, local=BUSY, cloud=CLOUD).late
     with pytest.raises(UnknownModelError):
-        decide(policy=RoutingPolicy.LOCAL_ONLY, budget_ms=50, local=LocalState(has_model=False),
-               cloud=CLOUD)
+        decide(
+            policy=RoutingPolicy.LOCAL_ONLY,
+            budget_ms=50,
+            local=LocalState(has_model=False),
+            cloud=CLOUD,
+        )
     only = RoutingPolicy.CLOUD_ONLY
     assert decide(policy=only, budget_ms=50, local=IDLE, cloud=CLOUD).target == "cloud"
     with pytest.raises(CloudUnavailableError):
@@ -139,8 +154,12 @@ def test_no_local_variant_goes_to_the_cloud(policy: RoutingPolicy) -> None:
     with pytest.raises(CloudUnavailableError):
         decide(policy=policy, budget_ms=50, local=no_variant, cloud=DOWN)
     with pytest.raises(UnknownModelError):
-        decide(policy=policy, budget_ms=50, local=no_variant,
-               cloud=CloudState(available=True, serves_model=False))
+        decide(
+            policy=policy,
+            budget_ms=50,
+            local=no_variant,
+            cloud=CloudState(available=True, serves_model=False),
+        )
 
 
 def test_saturated_local_offloads_or_refuses_for_capacity() -> None:

@@ -1,0 +1,173 @@
+"""Runtime: hot swap under load, serving at restart before the broker is reachable,
+shared sessions, input validation and admission control."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from _release_kit import ArtifactServer, ReleaseKit, build_model, publish, sample_input
+
+from fogline.edge import Admission, Agent, AgentConfig, SessionCache
+from fogline.protocol import CapacityError, InferenceInputError, free_port
+
+
+def _release(kit: ReleaseKit, server: ArtifactServer, version: int, seed: int) -> None:
+    data = build_model(seed=seed)
+    server.add(data)
+    publish(
+        server._transport,
+        kit.topics.release("digits", version),
+        kit.release("digits", version, data),
+    )
+
+
+def test_hot_swap_under_load_has_zero_failures(
+    kit: ReleaseKit, artifact_server: ArtifactServer, agent_factory: Callable[..., Agent]
+) -> None:
+    agent = agent_factory(capacity={"max_in_flight": 4, "max_queue": 64})
+    _release(kit, artifact_server, 1, seed=1)
+    assert agent.wait_for_version("digits", 1, timeout=20)
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    versions: list[set[int]] = [set() for _ in range(4)]
+    counts = [0] * 4
+
+    def hammer(i: int) -> None:
+        x = sample_input(seed=i)
+        while not stop.is_set():
+            try:
+                r = agent.infer("digits", {"input": x}, budget_ms=5000)
+                versions[i].add(r.version)
+                counts[i] += 1
+                assert r.outputs["logits"].shape == (1, 10)
+            except BaseException as exc:  # noqa: BLE001 - any failure fails the test
+                failures.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for version in (2, 3):
+            _release(kit, artifact_server, version, seed=version)
+            assert agent.wait_for_version("digits", version, timeout=20)
+        while sum(counts) < 2000:
+            threading.Event().wait(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+    assert failures == []
+    seen = set().union(*versions)
+    assert {1, 3} <= seen
+    assert agent.status().errors == 0
+
+
+def test_restart_serves_installed_model_before_broker_is_reachable(
+    kit: ReleaseKit,
+    artifact_server: ArtifactServer,
+    agent_factory: Callable[..., Agent],
+    config_factory: Callable[..., AgentConfig],
+) -> None:
+    first = agent_factory()
+    _release(kit, artifact_server, 1, seed=1)
+    assert first.wait_for_version("digits", 1, timeout=20)
+    expected = first.infer("digits", {"input": sample_input()}).outputs["logits"]
+    first.stop()
+    dead = {
+        "url": f"mqtt://127.0.0.1:{free_port()}",
+        "reconnect_min_s": 0.2,
+        "reconnect_max_s": 1.0,
+    }
+    second = agent_factory(config_factory(mqtt=dead))
+    # No broker answers, yet the installed model serves at once.
+    assert not second.connected
+    result = second.infer("digits", {"input": sample_input()})
+    assert result.version == 1
+    np.testing.assert_array_equal(result.outputs["logits"], expected)
+
+
+def test_session_cache_shares_sessions_between_agents(
+    kit: ReleaseKit,
+    artifact_server: ArtifactServer,
+    agent_factory: Callable[..., Agent],
+    config_factory: Callable[..., AgentConfig],
+) -> None:
+    cache = SessionCache()
+    a = Agent(config_factory("dev-a"), session_cache=cache)
+    b = Agent(config_factory("dev-b"), session_cache=cache)
+    for agent in (a, b):
+        agent.start()
+    try:
+        _release(kit, artifact_server, 1, seed=1)
+        assert a.wait_for_version("digits", 1, timeout=20)
+        assert b.wait_for_version("digits", 1, timeout=20)
+        assert a.model("digits").session is b.model("digits").session
+        assert len(cache) == 1
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({}, "missing"),
+        ({"input": sample_input(), "extra": sample_input()}, "unknown"),
+        ({"wrong": sample_input()}, "missing"),
+        ({"input": sample_input().astype(np.float64)}, "float32"),
+        ({"input": np.zeros((1, 1, 8), np.float32)}, "shape"),
+        ({"input": np.zeros((1, 2, 8, 8), np.float32)}, "shape"),
+        ({"input": [[1.0]]}, "numpy"),
+    ],
+)
+def test_bad_inputs_raise_typed_errors(
+    kit: ReleaseKit,
+    artifact_server: ArtifactServer,
+    agent_factory: Callable[..., Agent],
+    inputs: dict[str, Any],
+    message: str,
+) -> None:
+    agent = agent_factory()
+    _release(kit, artifact_server, 1, seed=1)
+    assert agent.wait_for_version("digits", 1, timeout=20)
+    with pytest.raises(InferenceInputError, match=message):
+        agent.infer("digits", inputs)
+    # Still healthy, and a batch of 3 (dynamic axis) works.
+    assert agent.infer("digits", {"input": sample_input(batch=3)}).outputs["logits"].shape == (
+        3,
+        10,
+    )
+    assert agent.status().errors == 1
+
+
+def test_admission_queues_within_budget_and_refuses_beyond() -> None:
+    adm = Admission(max_in_flight=1, max_queue=1, default_max_wait_ms=50)
+    adm.acquire(None)
+    # Queue has room but no slot frees within the budget: refused, not stuck.
+    with pytest.raises(CapacityError, match="within"):
+        adm.acquire(20)
+    # A waiter gets the slot as soon as it is released.
+    got = threading.Event()
+
+    def waiter() -> None:
+        adm.acquire(5000)
+        got.set()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    while adm.queue_depth == 0:
+        threading.Event().wait(0.001)
+    # The queue (1) is full now: the next one is refused at once.
+    with pytest.raises(CapacityError, match="queued"):
+        adm.acquire(5000)
+    adm.release("m", 1.0, 1.0, True)
+    t.join(timeout=5)
+    assert got.is_set()
+    adm.release("m", 3.0, 3.0, True)
+    snap = adm.snapshot()
+    assert snap.in_flight == 0 and snap.queue_depth == 0 and snap.refused == 2
+    assert adm.service_estimate_ms("m") is not None
