@@ -1,1 +1,42 @@
-"""Fogline cloud tier."""
+"""Fogline cloud tier: training on Ray, ONNX export, gated quantization, the model
+registry, signed releases, the artifact service and the ``fogline`` CLI.
+
+Importing this package does not import Ray or torch; the functions that need them
+import them when called.
+"""
+
+from ._artifacts import ArtifactService
+from ._config import DEFAULT_DEVICE_CLASSES, CloudSettings, DeviceClass, load_settings
+from ._gate import BASELINE, GateDecision, VariantMeasurement, choose_variants
+from ._manifest import build_desired, build_manifest, parse_scope
+from ._pipeline import PipelineResult, import_model, run_pipeline
+from ._publisher import PublishResult, load_signing_key, publish_release
+from ._registry import DesiredRecord, ModelRecord, Registry, VariantRecord, parse_model_ref
+from ._store import ArtifactStore
+
+__all__ = [
+    "BASELINE",
+    "DEFAULT_DEVICE_CLASSES",
+    "ArtifactService",
+    "ArtifactStore",
+    "CloudSettings",
+    "DesiredRecord",
+    "DeviceClass",
+    "GateDecision",
+    "ModelRecord",
+    "PipelineResult",
+    "PublishResult",
+    "Registry",
+    "VariantMeasurement",
+    "VariantRecord",
+    "build_desired",
+    "build_manifest",
+    "choose_variants",
+    "import_model",
+    "load_settings",
+    "load_signing_key",
+    "parse_model_ref",
+    "parse_scope",
+    "publish_release",
+    "run_pipeline",
+]

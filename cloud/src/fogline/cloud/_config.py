@@ -1,0 +1,136 @@
+"""Cloud tier settings: pydantic, loaded from TOML, overridden by ``FOGLINE_*`` variables.
+
+Precedence, lowest first: defaults, ``<data_dir>/cloud.toml`` (or an explicit file),
+environment variables, explicit keyword overrides (CLI options).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fogline.protocol import DEFAULT_PREFIX, MAX_CHUNK_SIZE, ConfigError, Identifier, Topics
+
+__all__ = ["DEFAULT_DEVICE_CLASSES", "CloudSettings", "DeviceClass", "load_settings"]
+
+DEFAULT_DATA_DIR = Path("./var/fogline")
+DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
+
+
+class DeviceClass(BaseModel):
+    """A kind of device the gate picks a variant for.
+
+    ``threads`` is the ONNX Runtime ``intra_op_num_threads`` budget latency is measured
+    under; ``max_model_bytes`` excludes variants too big to fit (a class that fits none
+    gets no variant and is served from the cloud)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Identifier
+    threads: Annotated[int, Field(ge=1, le=256)] = 1
+    max_model_bytes: Annotated[int, Field(gt=0)] | None = None
+
+
+DEFAULT_DEVICE_CLASSES: tuple[DeviceClass, ...] = (
+    DeviceClass(name="cpu-1t", threads=1),
+    DeviceClass(name="cpu-4t", threads=4),
+    # A microcontroller-sized class: nothing we build fits, so it is served from the cloud.
+    DeviceClass(name="mcu", threads=1, max_model_bytes=256 * 1024),
+)
+
+
+class CloudSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    broker_url: str = DEFAULT_BROKER_URL
+    topic_prefix: str = DEFAULT_PREFIX
+    accuracy_budget: Annotated[float, Field(ge=0, le=100)] = 1.0
+    device_classes: Annotated[list[DeviceClass], Field(min_length=1)] = Field(
+        default_factory=lambda: list(DEFAULT_DEVICE_CLASSES)
+    )
+    chunk_size: Annotated[int, Field(gt=0, le=MAX_CHUNK_SIZE)] = 256 * 1024
+    release_ttl_days: Annotated[float, Field(gt=0, le=3650)] = 90.0
+    artifact_workers: Annotated[int, Field(ge=1, le=64)] = 4
+    artifact_share_group: Identifier | None = None
+
+    @field_validator("device_classes")
+    @classmethod
+    def _unique_classes(cls, value: list[DeviceClass]) -> list[DeviceClass]:
+        names = [c.name for c in value]
+        if len(set(names)) != len(names):
+            raise ValueError("device class names must be unique")
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        Topics(value)  # raises TopicError (a ValueError is what pydantic wants)
+        return value
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+    @property
+    def key_path(self) -> Path:
+        return self.data_dir / "keys" / "cloud-signing.pem"
+
+
+_ENV = {
+    "FOGLINE_DATA_DIR": "data_dir",
+    "FOGLINE_BROKER_URL": "broker_url",
+    "FOGLINE_TOPIC_PREFIX": "topic_prefix",
+    "FOGLINE_ACCURACY_BUDGET": "accuracy_budget",
+    "FOGLINE_CHUNK_SIZE": "chunk_size",
+}
+
+
+def _coerce_env(field: str, raw: str) -> Any:
+    if field in ("accuracy_budget",):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{field}: {raw!r} is not a number") from None
+    if field == "chunk_size":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{field}: {raw!r} is not an integer") from None
+    return raw
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> CloudSettings:
+    """Build settings from defaults, a TOML file, ``FOGLINE_*`` and ``overrides``.
+
+    ``None`` overrides are ignored (handy for optional CLI options). Any error is a
+    :class:`ConfigError` naming the field."""
+    values: dict[str, Any] = {}
+    for var, field in _ENV.items():
+        if var in os.environ and os.environ[var] != "":
+            values[field] = _coerce_env(field, os.environ[var])
+    explicit = {k: v for k, v in overrides.items() if v is not None}
+    data_dir = Path(explicit.get("data_dir", values.get("data_dir", DEFAULT_DATA_DIR)))
+    path = config_file if config_file is not None else data_dir / "cloud.toml"
+    file_values: dict[str, Any] = {}
+    if config_file is not None or path.exists():
+        try:
+            with path.open("rb") as fh:
+                file_values = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        # A [cloud] table is accepted so one file can configure several parts.
+        file_values = file_values.get("cloud", file_values)
+    merged = {**file_values, **values, **explicit}
+    try:
+        return CloudSettings.model_validate(merged)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        raise ConfigError(f"cloud setting {where}: {err['msg']}") from None

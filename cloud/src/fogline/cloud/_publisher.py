@@ -1,0 +1,82 @@
+"""Sign a registered release and publish it, with the desired state of its scope."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fogline.protocol import (
+    MqttTransport,
+    SignedDesiredState,
+    SignedRelease,
+    SigningKey,
+    Topics,
+    encode,
+    sign_desired,
+    sign_release,
+)
+
+from ._manifest import Scope, build_desired, build_manifest, parse_scope
+from ._registry import Registry
+
+__all__ = ["PublishResult", "load_signing_key", "publish_release"]
+
+log = logging.getLogger("fogline.cloud.publisher")
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    release: SignedRelease
+    desired: SignedDesiredState
+    release_topic: str
+    desired_topic: str
+
+
+def load_signing_key(data_dir: Path) -> SigningKey:
+    """The cloud signing key under ``data_dir``, created (0600) on first use."""
+    return SigningKey.load_or_create(Path(data_dir) / "keys" / "cloud-signing.pem")
+
+
+def _desired_topic(topics: Topics, scope: Scope) -> str:
+    kind, target = scope
+    if kind == "fleet":
+        return topics.fleet_desired()
+    assert target is not None
+    return topics.group_desired(target) if kind == "group" else topics.device_desired(target)
+
+
+def publish_release(
+    registry: Registry,
+    model: str,
+    version: int | None,
+    transport: MqttTransport,
+    key: SigningKey,
+    *,
+    scope: str | Scope = "fleet",
+    topics: Topics | None = None,
+    chunk_size: int = 256 * 1024,
+    ttl_s: float = 90 * 86400.0,
+    timeout: float = 10.0,
+) -> PublishResult:
+    """Sign ``model:version`` (latest if None), publish it retained (QoS 1) on its release
+    topic, then point the scope's signed desired state at it (retained).
+
+    Waits for the broker's acknowledgements; raises a :class:`TransportError` if the
+    broker does not take them. The registry marks the version published only after both
+    were acknowledged."""
+    topics = topics or Topics()
+    scope_t = parse_scope(scope) if isinstance(scope, str) else scope
+    record = registry.get(model, version)
+    signed = sign_release(build_manifest(record, chunk_size=chunk_size, ttl_s=ttl_s), key)
+    release_topic = topics.release(record.name, record.version)
+    desired_topic = _desired_topic(topics, scope_t)
+    transport.publish(release_topic, encode(signed), qos=1, retain=True, wait=True, timeout=timeout)
+    desired_record = registry.update_desired(scope_t[0], scope_t[1], record.name, record.version)
+    desired = sign_desired(build_desired(desired_record), key)
+    transport.publish(
+        desired_topic, encode(desired), qos=1, retain=True, wait=True, timeout=timeout
+    )
+    registry.mark_published(record.name, record.version)
+    log.info("published %s to %s (sequence %d)", record.ref, desired_topic, desired_record.sequence)
+    return PublishResult(signed, desired, release_topic, desired_topic)
