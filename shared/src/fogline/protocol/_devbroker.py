@@ -87,6 +87,18 @@ def broker_answers(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
+def _port_is_free(host: str, port: int) -> bool:
+    """True if we could listen on host:port (SO_REUSEADDR, as brokers use: a port in
+    TIME_WAIT after a restart counts as free)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def _wait_until_answers(
     host: str, port: int, timeout: float, alive: Callable[[], bool] = lambda: True
 ) -> bool:
@@ -165,13 +177,20 @@ class MosquittoBroker:
     def start(self, timeout: float = 10.0) -> None:
         if self._process is not None and self._process.poll() is None:
             return
+        if not _port_is_free(self.host, self.port):
+            # Checked first: a broker already there would answer the readiness probe
+            # before our process has even noticed that it cannot bind.
+            raise BrokerUnavailableError(f"mosquitto cannot listen on port {self.port}: in use")
         self._write_config()
-        self._process = subprocess.Popen(
-            [self.executable, "-c", str(self.config_path)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        try:
+            self._process = subprocess.Popen(
+                [self.executable, "-c", str(self.config_path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise BrokerUnavailableError(f"cannot run {self.executable}: {exc}") from None
         proc = self._process
         answered = _wait_until_answers(
             self.host, self.port, timeout, alive=lambda: proc.poll() is None
