@@ -7,14 +7,19 @@ package (sign_release, sign_desired, ChunkRequest/ArtifactChunk).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import queue
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -207,10 +212,8 @@ class ArtifactServer:
         self._transport.close()
 
     def _on_request(self, msg: MqttMessage) -> None:
-        try:
+        with contextlib.suppress(DecodeError):
             self._queue.put(decode(msg.payload, ChunkRequest))
-        except DecodeError:
-            pass
 
     def _serve(self) -> None:
         while True:
@@ -239,10 +242,8 @@ class ArtifactServer:
                     chunk_sha256=sha256(chunk),
                     data=chunk,
                 )
-            try:
+            with contextlib.suppress(Exception):
                 self._transport.publish(req.reply_to, encode(reply), qos=1)
-            except Exception:
-                pass
 
 
 class Observer:
@@ -364,3 +365,28 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
             lines.append(f"\n[{name}]")
             lines.append(to_toml(value, name + "."))
     return "\n".join(lines)
+
+
+def spawn_agent(
+    config: Any, path: Path, processes: list[subprocess.Popen[bytes]]
+) -> subprocess.Popen[bytes]:
+    """Run ``fogline-edge run`` on ``config`` in a subprocess (own session, killed at teardown)."""
+    path.write_text(to_toml(config.model_dump(mode="json", exclude_none=True)))
+    exe = Path(sys.executable).with_name("fogline-edge")
+    proc = subprocess.Popen(
+        [str(exe), "run", "--config", str(path), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    processes.append(proc)
+    return proc
+
+
+def read_ready(proc: subprocess.Popen[bytes]) -> dict[str, object]:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line, "the agent exited before it was ready"
+    ready: dict[str, object] = json.loads(line)
+    assert ready["event"] == "ready"
+    return ready

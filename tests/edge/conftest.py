@@ -16,10 +16,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # for _release_kit (tests have no packages)
 
-from _release_kit import ArtifactServer, Observer, ReleaseKit  # noqa: E402
+import contextlib
 
-from fogline.edge import Agent, AgentConfig, load_config  # noqa: E402
-from fogline.protocol import MqttSettings, Topics  # noqa: E402
+from _release_kit import ArtifactServer, Observer, ReleaseKit
+
+from fogline.edge import Agent, AgentConfig, load_config
+from fogline.protocol import MqttSettings, Topics
 
 
 @pytest.fixture
@@ -109,8 +111,6 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     finally:
         for proc in started:
             if proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             proc.wait(timeout=10)

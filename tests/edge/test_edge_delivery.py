@@ -19,7 +19,6 @@ from _release_kit import (
 
 from fogline.edge import Agent
 from fogline.protocol import (
-    Heartbeat,
     InferenceInputError,
     SigningKey,
     Topics,

@@ -7,42 +7,24 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from _release_kit import ArtifactServer, Observer, ReleaseKit, build_model, publish, to_toml
+from _release_kit import (
+    ArtifactServer,
+    Observer,
+    ReleaseKit,
+    build_model,
+    publish,
+    read_ready,
+    spawn_agent,
+)
 
 from fogline.edge import Agent, AgentConfig
 from fogline.edge.cli import main as cli_main
 from fogline.protocol import MosquittoBroker, MqttSettings
-
-
-def spawn_agent(
-    config: AgentConfig, path: Path, processes: list[subprocess.Popen[bytes]]
-) -> subprocess.Popen[bytes]:
-    """Run ``fogline-edge run`` on ``config`` in a subprocess (own session, killed at teardown)."""
-    path.write_text(to_toml(config.model_dump(mode="json", exclude_none=True)))
-    exe = Path(sys.executable).with_name("fogline-edge")
-    proc = subprocess.Popen(
-        [str(exe), "run", "--config", str(path), "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    processes.append(proc)
-    return proc
-
-
-def read_ready(proc: subprocess.Popen[bytes]) -> dict[str, object]:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line, "the agent exited before it was ready"
-    ready: dict[str, object] = json.loads(line)
-    assert ready["event"] == "ready"
-    return ready
 
 
 def test_last_will_flips_state_offline_when_killed(

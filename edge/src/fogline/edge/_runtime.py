@@ -180,9 +180,10 @@ def load_model(
     """Load an ONNX file with the device's thread budget and warm it up. ``inputs`` and
     ``outputs`` (the manifest's specs) are checked against the model; by default the
     model's own are used. Raises :class:`InvalidModelError`."""
-    session = (
-        cache.get_or_load(sha256, threads, path) if cache is not None else _new_session(path, threads)
-    )
+    if cache is not None:
+        session = cache.get_or_load(sha256, threads, path)
+    else:
+        session = _new_session(path, threads)
     real_in = _specs_from_session(session.get_inputs())
     real_out = _specs_from_session(session.get_outputs())
     if inputs is not None:
