@@ -37,13 +37,39 @@ def test_ingest_builds_the_registry_and_summary(
     devices.state("dev-a", device_class="rpi4", groups=["lab"], agent_version="0.1.0")
     devices.state("dev-b", device_class="jetson-like")
     wait(lambda: len(fleet_store.devices()) == 2, what="two devices registered")
-    devices.heartbeat("dev-a", groups=["lab"], requests=10, edge_requests=8, cloud_requests=2,
-                      latency_p50_ms=5.0, latency_p99_ms=20.0, models={"digits": 2})
-    devices.heartbeat("dev-a", groups=["lab"], requests=30, edge_requests=24, cloud_requests=6,
-                      budgeted_requests=30, met_budget=27, uptime_s=3.0, seq=3,
-                      latency_p50_ms=6.0, latency_p99_ms=22.0, models={"digits": 2})
-    devices.heartbeat("dev-b", device_class="jetson-like", requests=10, edge_requests=10,
-                      errors=1, latency_p50_ms=2.0, latency_p99_ms=9.0)
+    devices.heartbeat(
+        "dev-a",
+        groups=["lab"],
+        requests=10,
+        edge_requests=8,
+        cloud_requests=2,
+        latency_p50_ms=5.0,
+        latency_p99_ms=20.0,
+        models={"digits": 2},
+    )
+    devices.heartbeat(
+        "dev-a",
+        groups=["lab"],
+        requests=30,
+        edge_requests=24,
+        cloud_requests=6,
+        budgeted_requests=30,
+        met_budget=27,
+        uptime_s=3.0,
+        seq=3,
+        latency_p50_ms=6.0,
+        latency_p99_ms=22.0,
+        models={"digits": 2},
+    )
+    devices.heartbeat(
+        "dev-b",
+        device_class="jetson-like",
+        requests=10,
+        edge_requests=10,
+        errors=1,
+        latency_p50_ms=2.0,
+        latency_p99_ms=9.0,
+    )
     devices.event("dev-a", "install_succeeded", model="digits", version=2)
     wait(lambda: sum(d.heartbeats for d in fleet_store.devices()) == 3, what="3 heartbeats")
     wait(lambda: len(fleet_store.events("dev-a")) == 1, what="the event")
@@ -105,7 +131,10 @@ def test_malformed_telemetry_is_counted_and_ignored(
     assert monitor.flush()
     stats = monitor.stats()
     assert stats.rejected == {
-        "decode_error": 4, "wrong_type": 2, "device_mismatch": 1, "bad_topic": 1
+        "decode_error": 4,
+        "wrong_type": 2,
+        "device_mismatch": 1,
+        "bad_topic": 1,
     }
     assert stats.received == {"state": 1, "heartbeat": 8, "events": 1}
     assert [d.device_id for d in fleet_store.devices()] == ["good"]
@@ -230,8 +259,12 @@ def test_registry_survives_a_monitor_restart(
         wait(lambda: monitor.stats().received.get("state") == 1, what="retained state")
         assert monitor.flush()
         again = store.device("keeper")
-        assert again.model_copy(update={"last_seen": before.last_seen,
-                                        "last_alive_at": before.last_alive_at}) == before
+        assert (
+            again.model_copy(
+                update={"last_seen": before.last_seen, "last_alive_at": before.last_alive_at}
+            )
+            == before
+        )
         devices.heartbeat("keeper", requests=9, edge_requests=9, uptime_s=10.0)
         wait(lambda: store.device("keeper").heartbeats == 2, what="second heartbeat")
         after = store.device("keeper")
@@ -256,14 +289,23 @@ def test_shared_subscription_replicas_split_the_load(
         names = [f"dev-{i:02d}" for i in range(10)]
         for name in names:
             devices.state(name)
-        wait(lambda: all(r.stats().received.get("state") == 10 for r in replicas),
-             what="every replica has the retained states")
+        wait(
+            lambda: all(r.stats().received.get("state") == 10 for r in replicas),
+            what="every replica has the retained states",
+        )
         for round_ in range(1, 11):
             for name in names:
-                devices.heartbeat(name, requests=round_, edge_requests=round_,
-                                  uptime_s=float(round_), at=1_700_000_000.0 + round_)
-        wait(lambda: sum(r.stats().received.get("heartbeat", 0) for r in replicas) == 100,
-             what="all heartbeats received")
+                devices.heartbeat(
+                    name,
+                    requests=round_,
+                    edge_requests=round_,
+                    uptime_s=float(round_),
+                    at=1_700_000_000.0 + round_,
+                )
+        wait(
+            lambda: sum(r.stats().received.get("heartbeat", 0) for r in replicas) == 100,
+            what="all heartbeats received",
+        )
         assert all(r.flush() for r in replicas)
         received = [r.stats().received.get("heartbeat", 0) for r in replicas]
         assert all(n > 0 for n in received), received  # each did a part...

@@ -137,16 +137,20 @@ def _attention(
         reasons.append("offline")
         details.append(f"offline ({d.status_reason})")
     hb, recent = d.heartbeat, d.recent
+    if not d.online:
+        # An offline device's last figures are stale: "offline" says it all, except
+        # the versions it will come back with.
+        recent = None
     if recent is not None and recent.errors > 0:
         share = recent.errors / recent.requests if recent.requests else 1.0
         if share > limits.error_share:
             reasons.append("errors_rising")
             details.append(f"{recent.errors} errors in the last {recent.seconds:.0f}s")
     if hb is not None:
-        if hb.latency_p99_ms > limits.p99_high_ms:
+        if d.online and hb.latency_p99_ms > limits.p99_high_ms:
             reasons.append("p99_high")
             details.append(f"p99 {hb.latency_p99_ms:.0f} ms > {limits.p99_high_ms:.0f} ms")
-        if hb.breaker_state == "open":
+        if d.online and hb.breaker_state == "open":
             reasons.append("breaker_open")
             details.append("cloud circuit breaker open")
         behind = [f"{m} v{v}<v{latest[m]}" for m, v in sorted(hb.models.items()) if v < latest[m]]
