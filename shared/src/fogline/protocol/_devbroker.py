@@ -273,10 +273,13 @@ class EmbeddedBroker:
             raise BrokerUnavailableError(
                 "the embedded broker needs amqtt: pip install 'fogline-protocol[devbroker]'"
             ) from None
+        # Only the anonymous-auth plugin: amqtt's defaults add packet logging and a
+        # $SYS publisher, and its older "auth"/"topic-check" sections are deprecated.
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            "auth": {"allow-anonymous": True},
-            "topic-check": {"enabled": False},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
         }
         self._loop = asyncio.new_event_loop()
         started = threading.Event()
