@@ -26,6 +26,7 @@ from fogline.protocol import (
     MqttSettings,
     MqttTransport,
     Topics,
+    broker_answers,
     free_port,
 )
 
@@ -245,3 +246,5 @@ def test_anonymous_and_unknown_clients_are_refused(
         settings = settings.model_copy(update={"username": user, "password": None})
     with pytest.raises(BrokerUnavailableError, match="refused"):
         MqttTransport(settings).connect(timeout=WAIT)
+    # Still "a broker answers": development_broker() must not start a second one here.
+    assert broker_answers(deployment.broker.host, deployment.broker.port)

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from pydantic import ValidationError
 
 from fogline.protocol import (
     BrokerUnavailableError,
@@ -574,3 +575,67 @@ def test_missing_ca_file_is_a_config_error(tmp_path: Path) -> None:
     settings = MqttSettings(url="mqtts://127.0.0.1:8883", tls_ca=tmp_path / "nope.crt")
     with pytest.raises(ConfigError, match="TLS"):
         MqttTransport(settings)
+
+
+# -- subscriptions made before connecting, and settings ------------------------------------
+
+
+def test_subscriptions_made_before_connecting_are_sent_on_connect(
+    settings: MqttSettings, clients: Callable[..., MqttTransport]
+) -> None:
+    topic = _topic()
+    early = MqttTransport(settings)
+    try:
+        got = Collector()
+        early.subscribe(topic, got, qos=1)  # not connected yet: queued for the CONNACK
+        early.connect(timeout=WAIT)
+        pub = clients(settings)
+        for attempt in range(50):  # the SUBSCRIBE may still be in flight after CONNACK
+            pub.publish(topic, b"hello-%d" % attempt, qos=1, wait=True)
+            with got._cond:
+                if got._cond.wait_for(lambda: bool(got.messages), timeout=0.3):
+                    break
+        assert got.messages[0].payload.startswith(b"hello-")
+    finally:
+        early.close()
+
+
+def test_subscribe_rejects_a_bad_qos(mqtt_settings: MqttSettings) -> None:
+    transport = MqttTransport(mqtt_settings)
+    try:
+        with pytest.raises(SubscribeError, match="qos"):
+            transport.subscribe("a/b", lambda m: None, qos=3)
+    finally:
+        transport.close()
+
+
+def test_settings_reject_inverted_backoff_and_bad_urls() -> None:
+    with pytest.raises(ValidationError, match="reconnect_min_s"):
+        MqttSettings(reconnect_min_s=10, reconnect_max_s=1)
+    for url in ["http://broker", "mqtt://", "mqtt://host:99999", "broker:1883"]:
+        with pytest.raises(ValidationError, match="url"):
+            MqttSettings(url=url)
+    with pytest.raises(ValidationError, match="extra"):
+        MqttSettings(url="mqtt://h:1", hostname="x")  # type: ignore[call-arg]
+    assert MqttSettings(url="mqtts://h").port == 8883
+    assert MqttSettings(url="mqtt://h").port == 1883
+
+
+def test_a_raising_connection_listener_is_counted(
+    mqtt_settings: MqttSettings, clients: Callable[..., MqttTransport]
+) -> None:
+    transport = MqttTransport(mqtt_settings)
+    called = threading.Event()
+
+    def listener(up: bool) -> None:
+        called.set()
+        raise RuntimeError("listener bug")
+
+    transport.add_connection_listener(listener)
+    try:
+        transport.connect(timeout=WAIT)
+        assert called.wait(WAIT)
+        assert transport.handler_errors == 1
+        assert transport.connected
+    finally:
+        transport.close()

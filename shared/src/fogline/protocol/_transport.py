@@ -324,17 +324,26 @@ class MqttTransport:
             raise NotConnectedError(f"subscribe {topic_filter}: the transport is closed")
         if wait and not self.connected:
             raise NotConnectedError(f"subscribe {topic_filter}: not connected to the broker")
-        match_filter = _strip_share(topic_filter)
+        # The callback goes first, so that retained messages find it.
+        self._client.message_callback_add(_strip_share(topic_filter), self._wrap(handler))
+        pending = _PendingSubscribe([topic_filter], threading.Event(), [])
+        # One lock with _on_connect, which snapshots the subscriptions and then marks us
+        # connected: either that snapshot has this filter, or we see "connected" here and
+        # send it ourselves. The lock also keeps the SUBACK from overtaking the mid.
         with self._lock:
             self._subscriptions[topic_filter] = (qos, handler)
-        self._client.message_callback_add(match_filter, self._wrap(handler))
-        if not self.connected:
+            connected = self._connected.is_set()
+            if connected:
+                rc, mid = self._client.subscribe(topic_filter, qos)
+                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                    self._pending_subs[mid] = pending
+            elif wait:  # the connection dropped since the check above: undo
+                del self._subscriptions[topic_filter]
+        if not connected:
+            if wait:
+                self._client.message_callback_remove(_strip_share(topic_filter))
+                raise NotConnectedError(f"subscribe {topic_filter}: not connected to the broker")
             return  # sent on the next CONNACK
-        pending = _PendingSubscribe([topic_filter], threading.Event(), [])
-        with self._lock:  # held so the SUBACK cannot be handled before we record the mid
-            rc, mid = self._client.subscribe(topic_filter, qos)
-            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
-                self._pending_subs[mid] = pending
         if rc == MQTTErrorCode.MQTT_ERR_NO_CONN and not wait:
             return  # re-sent on reconnect anyway
         _check_rc(rc, f"subscribe {topic_filter}")
@@ -403,15 +412,14 @@ class MqttTransport:
             self._connack.set()
             return
         self._refusal = None
-        with self._lock:
+        with self._lock:  # see subscribe(): snapshot and "connected" change together
             subs = list(self._subscriptions.items())
-        if subs:
-            with self._lock:
+            if subs:
                 rc, mid = client.subscribe([(topic, qos) for topic, (qos, _h) in subs])
                 if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                     filters = [topic for topic, _ in subs]
                     self._pending_subs[mid] = _PendingSubscribe(filters, threading.Event(), [])
-        self._connected.set()
+            self._connected.set()
         self._connack.set()
         log.info("connected to %s as %s", self.settings.url, self.client_id)
         self._notify(True)
