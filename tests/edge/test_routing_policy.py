@@ -31,14 +31,16 @@ from fogline.protocol import (
 )
 
 IDLE = LocalState(queue_depth=0, service_ms=5.0)
-BUSY = LocalState(queue_depth=20, in_flight=1, concurrency=1, service_ms=5.0)  # ~105 ms
+BUSY = LocalState(queue_depth=20, in_flight=1, concurrency=1, service_ms=5.0)  # ~110 ms
 CLOUD = CloudState(available=True, rtt_ms=20.0, service_ms=2.0)  # 22 ms
 DOWN = CloudState(available=False, rtt_ms=20.0, service_ms=2.0)
 
 
 def test_estimates() -> None:
-    assert estimate_local_ms(BUSY) == pytest.approx(105.0)
-    assert estimate_local_ms(LocalState(queue_depth=4, concurrency=2, service_ms=10)) == 30.0
+    assert estimate_local_ms(BUSY) == pytest.approx(110.0)
+    assert estimate_local_ms(IDLE) == 5.0
+    full = LocalState(queue_depth=4, in_flight=2, concurrency=2, service_ms=10)
+    assert estimate_local_ms(full) == 35.0
     assert estimate_local_ms(LocalState()) is None
     assert estimate_cloud_ms(CLOUD) == 22.0
     assert estimate_cloud_ms(CloudState(available=True)) is None
@@ -52,7 +54,7 @@ def test_local_first_stays_local_when_the_local_estimate_meets_the_budget() -> N
 def test_local_first_offloads_when_the_local_queue_would_miss_the_budget() -> None:
     d = decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=BUSY, cloud=CLOUD)
     assert (d.target, d.reason) == ("cloud", "local_misses_budget")
-    assert d.local_estimate_ms == pytest.approx(105.0)
+    assert d.local_estimate_ms == pytest.approx(110.0)
 
 
 def test_local_first_without_budget_stays_local() -> None:
@@ -163,7 +165,7 @@ def test_no_local_variant_goes_to_the_cloud(policy: RoutingPolicy) -> None:
 
 
 def test_saturated_local_offloads_or_refuses_for_capacity() -> None:
-    full = LocalState(in_flight=4, queue_depth=4, max_in_flight=8, service_ms=1)
+    full = LocalState(in_flight=4, concurrency=4, queue_depth=8, max_queue=8, service_ms=1)
     d = decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=full, cloud=CLOUD)
     assert (d.target, d.reason) == ("cloud", "local_saturated")
     with pytest.raises(CapacityError):
@@ -173,6 +175,14 @@ def test_saturated_local_offloads_or_refuses_for_capacity() -> None:
 def test_cascade_decision_runs_locally() -> None:
     d = decide(policy=RoutingPolicy.CASCADE, budget_ms=50, local=IDLE, cloud=CLOUD)
     assert (d.target, d.cascade) == ("edge", True)
+
+
+def test_load_hints_from_the_agents_mapping() -> None:
+    assert LoadHints.from_mapping({}) == LoadHints()
+    hints = LoadHints.from_mapping({"cpu_load": 0.5, "battery": 0.1, "thermal": 0.8})
+    assert (hints.cpu_load, hints.battery, hints.thermal) == (0.5, 0.1, "hot")
+    assert LoadHints.from_mapping({"thermal": "critical"}).thermal == "critical"
+    assert LoadHints.from_mapping({"thermal": "lava"}).thermal == "normal"
 
 
 def test_policy_strings_and_bad_settings() -> None:

@@ -9,7 +9,8 @@ cascade and falls back to local inference when the cloud fails.
 
 Estimates (milliseconds)::
 
-    local = queue_depth * service_ewma / concurrency + service_ewma
+    local = (queue_depth + 1) * service_ewma / concurrency + service_ewma   (all slots busy)
+          = service_ewma                                                  (a slot is free)
     cloud = rtt_ewma + cloud_service_ewma
 
 An unknown estimate (nothing measured yet) counts as meeting the budget: the first
@@ -105,6 +106,26 @@ class LoadHints:
     battery: float | None = None
     thermal: Thermal = "normal"
 
+    @classmethod
+    def from_mapping(cls, hints: Mapping[str, float | str]) -> LoadHints:
+        """From the agent's ``load_hints`` dict. ``thermal`` may be a word or a fraction
+        of the throttling point (0.5 warm, 0.75 hot, 0.9 critical)."""
+        thermal = hints.get("thermal", "normal")
+        if not isinstance(thermal, str):
+            level = float(thermal)
+            thermal = (
+                "critical" if level >= 0.9 else "hot" if level >= 0.75
+                else "warm" if level >= 0.5 else "normal"
+            )
+        if thermal not in ("normal", "warm", "hot", "critical"):
+            thermal = "normal"
+        cpu, battery = hints.get("cpu_load"), hints.get("battery")
+        return cls(
+            cpu_load=None if cpu is None else float(cpu),
+            battery=None if battery is None else float(battery),
+            thermal=thermal,  # type: ignore[arg-type]
+        )
+
     def stressed(self, settings: RoutingSettings) -> str | None:
         """Why the device would rather offload, or ``None``."""
         if self.thermal in ("hot", "critical"):
@@ -118,16 +139,21 @@ class LoadHints:
 
 @dataclass(frozen=True)
 class LocalState:
+    """The local path as the agent's admission control sees it: ``concurrency`` slots
+    (its ``max_in_flight``), ``in_flight`` of them busy, ``queue_depth`` requests
+    waiting, at most ``max_queue``."""
+
     has_model: bool = True  # False: no variant for this device class
     queue_depth: int = 0
     in_flight: int = 0
-    max_in_flight: int = 1 << 30
     concurrency: int = 1
+    max_queue: int = 1 << 30
     service_ms: float | None = None  # EWMA of local service time
 
     @property
     def saturated(self) -> bool:
-        return self.in_flight + self.queue_depth >= self.max_in_flight
+        """A new request would be refused (every slot busy, the queue full)."""
+        return self.in_flight >= self.concurrency and self.queue_depth >= self.max_queue
 
 
 @dataclass(frozen=True)
@@ -149,9 +175,12 @@ class RouteDecision:
 
 
 def estimate_local_ms(local: LocalState) -> float | None:
+    """Queue wait plus service time; no wait while a slot is free."""
     if local.service_ms is None:
         return None
-    wait = local.queue_depth * local.service_ms / max(1, local.concurrency)
+    if local.in_flight < local.concurrency and local.queue_depth == 0:
+        return local.service_ms
+    wait = (local.queue_depth + 1) * local.service_ms / max(1, local.concurrency)
     return wait + local.service_ms
 
 
@@ -206,7 +235,7 @@ def decide(
                 raise UnknownModelError("no local variant, and the cloud does not serve the model")
             raise CloudUnavailableError("no local variant, and the cloud is unavailable")
         raise CapacityError(
-            f"local queue is full ({local.in_flight + local.queue_depth}/{local.max_in_flight}) "
+            f"local queue is full ({local.queue_depth}/{local.max_queue} waiting) "
             "and the cloud is unavailable"
         )
 
