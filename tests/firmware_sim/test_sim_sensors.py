@@ -41,9 +41,7 @@ def test_without_noise_or_drift_a_reading_is_the_dataset_image() -> None:
     config = SensorConfig(noise_std=0.0, drift_amplitude=0.0, corruption_rate=0.0)
     reading = DigitSensor(config, seed=3).read()
     images, labels = digits_dataset()
-    matches = [
-        i for i in range(len(images)) if np.array_equal(images[i], reading.inputs)
-    ]
+    matches = [i for i in range(len(images)) if np.array_equal(images[i], reading.inputs)]
     assert matches
     assert reading.label in {int(labels[i]) for i in matches}
 

@@ -2,7 +2,10 @@
 real edge agents in one process."""
 
 from ._control import CONTROL_FILE, ControlServer, send_control
+from ._device import SimDevice, SlowSessionCache
 from ._faults import FaultInjector, FaultRecord, FaultSource, FaultTarget
+from ._fleet import FleetConfig, SimulatedFleet, allocate_profiles
+from ._ledger import DeviceReport, DeviceSnapshot, FaultReport, FleetReport, Ledger
 from ._link import LinkEmulator, LinkState
 from ._profiles import (
     FlapProfile,
@@ -39,16 +42,22 @@ __all__ = [
     "BudgetDistribution",
     "ControlServer",
     "CorruptionKind",
+    "DeviceReport",
+    "DeviceSnapshot",
     "DigitSensor",
     "FaultInjector",
     "FaultKind",
     "FaultRecord",
+    "FaultReport",
     "FaultSource",
     "FaultSpec",
     "FaultTarget",
     "FixedBudget",
     "FlapProfile",
+    "FleetConfig",
+    "FleetReport",
     "HardwareProfile",
+    "Ledger",
     "LinkEmulator",
     "LinkProfile",
     "LinkState",
@@ -57,7 +66,11 @@ __all__ = [
     "Scenario",
     "SensorConfig",
     "SensorReading",
+    "SimDevice",
+    "SimulatedFleet",
+    "SlowSessionCache",
     "UniformBudget",
+    "allocate_profiles",
     "builtin_profiles",
     "digits_dataset",
     "load_profiles",
