@@ -364,6 +364,12 @@ def test_bytearray_and_memoryview_are_accepted(samples: dict[str, Message]) -> N
     assert decode(memoryview(data)) == samples["device_state"]
 
 
+def test_memoryview_size_is_counted_in_bytes() -> None:
+    view = memoryview(np.zeros(100, dtype=np.int32).tobytes()).cast("i")
+    assert len(view) == 100 and view.nbytes == 400
+    assert "400 bytes" in decode_error(view, max_size=200)
+
+
 # -- tensors -----------------------------------------------------------------------------
 
 

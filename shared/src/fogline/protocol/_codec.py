@@ -126,9 +126,11 @@ def decode_envelope(
 def _decode(data: bytes, expected: type[Message] | None, max_size: int) -> Envelope:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise DecodeError(f"payload must be bytes, got {type(data).__name__}")
-    if len(data) > max_size:
-        raise DecodeError(f"payload is {len(data)} bytes; at most {max_size}")
-    if not data:
+    # len() of a memoryview counts items, not bytes: an int32 view is 4x its len().
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > max_size:
+        raise DecodeError(f"payload is {size} bytes; at most {max_size}")
+    if not size:
         raise DecodeError("payload is empty")
     try:
         raw = msgpack.unpackb(
