@@ -154,7 +154,7 @@ def test_import_refuses_corrupt_truncated_and_mismatched(
         import_model(good, name="bad", calibration=wrong, settings=settings, progress=False)
     not_npy = tmp_path / "not.npy"
     not_npy.write_bytes(b"nope")
-    with pytest.raises(InvalidModelError, match="not a .npy"):
+    with pytest.raises(InvalidModelError, match=r"not a \.npy"):
         import_model(good, name="bad", calibration=not_npy, settings=settings, progress=False)
     assert Registry(settings.data_dir).list_models() == []
 

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from .._manifest import parse_scope
 from .._pipeline import import_model
 from .._publisher import load_signing_key, publish_release
 from .._registry import Registry
@@ -122,7 +123,9 @@ def publish(
     with cli_errors(as_json):
         settings = settings_from(config, data_dir, broker)
         registry = Registry(settings.data_dir)
-        record = registry.resolve(ref)  # a missing model fails before touching the broker
+        # Bad input fails before the broker is touched.
+        record = registry.resolve(ref)
+        scope = parse_scope(to)
         key = load_signing_key(settings.data_dir)
         transport = connect(settings)
         try:
@@ -132,7 +135,7 @@ def publish(
                 record.version,
                 transport,
                 key,
-                scope=to,
+                scope=scope,
                 topics=settings.topics,
                 chunk_size=settings.chunk_size,
                 ttl_s=settings.release_ttl_days * 86400.0,
