@@ -1,0 +1,323 @@
+"""Hybrid routing under open-loop load: local-only and cloud-only baselines against
+local-first, in the same run.
+
+Poisson arrivals at 0.5x, 1x, 2x and 4x the measured local capacity; every request has a
+50 ms budget. The local path is the agent's own admission control (``Admission``) in
+front of an ONNX Runtime session; the cloud path is the real one: ``CloudClient`` ->
+Mosquitto -> ``InferenceBridge`` -> Ray Serve (local Ray) -> ONNX Runtime, with about
+10 ms of one-way delay injected in each direction between edge and cloud. Decisions are
+made by ``fogline.edge`` ``Router`` exactly as the agent makes them.
+
+Latency is measured from the scheduled arrival time, so queueing shows. A request the
+local queue refuses counts as a miss. Reported per load and policy: the share of
+requests that met the budget, p50/p99 latency and the offload ratio, and the ratio of
+local-first's met-budget share to the better baseline's.
+
+    .venv/bin/python bench/routing.py [--duration 4] [--delay-ms 10] [--json]
+
+Both tiers share this machine's cores, so the cloud is weaker than a real one would be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import heapq
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from rich.console import Console
+from rich.table import Table
+
+from fogline.cloud.serving import (
+    InferenceBridge,
+    ServedModel,
+    ServingSettings,
+    deploy_model,
+    shutdown_serving,
+)
+from fogline.edge._breaker import CircuitBreaker
+from fogline.edge._capacity import Admission
+from fogline.edge._cloud_client import CloudClient
+from fogline.edge._routing import LocalResult, LocalState, Router, RoutingSettings
+from fogline.protocol import (
+    FoglineError,
+    MosquittoBroker,
+    MqttSettings,
+    MqttTransport,
+    Topics,
+)
+
+log = logging.getLogger("bench.routing")
+
+BUDGET_MS = 50.0
+LOADS = (0.5, 1.0, 2.0, 4.0)
+POLICIES = ("local-only", "cloud-only", "local-first")
+MODEL = "cnn"
+
+
+def build_cnn(channels: int = 64, layers: int = 6) -> bytes:
+    """A small CNN (3x3 convolutions on 8x32x32, global pooling, softmax): a few
+    milliseconds per request on one thread, with small weights and inputs."""
+    rng = np.random.default_rng(0)
+    nodes, inits, prev, cin = [], [], "x", 8
+    for i in range(layers):
+        w = (rng.normal(size=(channels, cin, 3, 3)) / np.sqrt(cin * 9)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
+        prev, cin = f"r{i}", channels
+    nodes.append(helper.make_node("GlobalAveragePool", [prev], ["pooled"]))
+    nodes.append(helper.make_node("Flatten", ["pooled"], ["flat"]))
+    nodes.append(helper.make_node("Softmax", ["flat"], ["probs"], axis=1))
+    graph = helper.make_graph(
+        nodes, "cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 32, 32])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", channels])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+class DelayedTransport(MqttTransport):
+    """Publishes after a fixed delay: the injected one-way network latency."""
+
+    def __init__(self, settings: MqttSettings, delay_s: float) -> None:
+        super().__init__(settings)
+        self.delay_s = delay_s
+        self._heap: list[tuple[float, int, str, bytes, int]] = []
+        self._cv = threading.Condition()
+        self._seq = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 0, **kw: Any) -> None:
+        with self._cv:
+            self._seq += 1
+            due = time.monotonic() + self.delay_s
+            heapq.heappush(self._heap, (due, self._seq, topic, payload, qos))
+            self._cv.notify()
+
+    def _pump(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    self._cv.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
+                if self._stop:
+                    return
+                _, _, topic, payload, qos = heapq.heappop(self._heap)
+            with contextlib.suppress(FoglineError):
+                super().publish(topic, payload, qos=qos)
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join()
+        super().close(timeout)
+
+
+@dataclass
+class Row:
+    load: float
+    policy: str
+    rate_rps: float
+    requests: int
+    met_budget: float
+    p50_ms: float
+    p99_ms: float
+    offload_ratio: float
+    refused: int
+
+
+class LocalPath:
+    """The agent's local path: admission control in front of one ORT session."""
+
+    def __init__(self, model: bytes, max_in_flight: int = 1, max_queue: int = 64) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.admission = Admission(max_in_flight, max_queue, 1000.0)
+
+    def run(self, x: np.ndarray, budget_ms: float) -> LocalResult:
+        self.admission.acquire(budget_ms)
+        began = time.perf_counter()
+        try:
+            (probs,) = self.session.run(["probs"], {"x": x})
+        finally:
+            ms = (time.perf_counter() - began) * 1000.0
+            self.admission.release(MODEL, ms, ms, True)
+        return LocalResult({"probs": probs}, version=1)
+
+    def state(self) -> LocalState:
+        a = self.admission
+        return LocalState(
+            queue_depth=a.waiting, in_flight=a.in_flight, concurrency=a.max_in_flight,
+            max_queue=a.max_queue, service_ms=a.service_estimate_ms(MODEL),
+        )
+
+
+def run_load(policy: str, rate: float, duration: float, local: LocalPath, router: Router,
+             x: np.ndarray, load: float) -> Row:
+    rng = np.random.default_rng(int(rate * 1000) + len(policy))
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, size=int(rate * duration * 1.5) + 10))
+    arrivals = arrivals[arrivals < duration]
+    latencies: list[float] = []
+    targets: list[str] = []
+    refused = 0
+    errors: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def one(t0: float) -> None:
+        nonlocal refused
+        try:
+            res = router.route(MODEL, {"x": x}, lambda: local.run(x, BUDGET_MS),
+                               local=local.state(), budget_ms=BUDGET_MS, policy=policy)
+            target = res.target
+        except FoglineError as exc:
+            target = "refused"
+            with lock:
+                errors[exc.code] = errors.get(exc.code, 0) + 1
+        ms = (time.monotonic() - t0) * 1000.0
+        with lock:
+            latencies.append(ms if target != "refused" else float("inf"))
+            targets.append(target)
+            refused += target == "refused"
+
+    start = time.monotonic() + 0.05
+    with ThreadPoolExecutor(max_workers=128) as pool:
+        for offset in arrivals:
+            t0 = start + offset
+            delay = t0 - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(one, t0)
+    if errors:
+        log.info("%s at %.1fx: errors %s", policy, load, errors)
+    lat = np.array(latencies)
+    finite = lat[np.isfinite(lat)]
+    return Row(
+        load=load, policy=policy, rate_rps=rate, requests=len(lat),
+        met_budget=float(np.mean(lat <= BUDGET_MS)) if lat.size else 0.0,
+        p50_ms=float(np.percentile(finite, 50)) if finite.size else float("nan"),
+        p99_ms=float(np.percentile(lat, 99)) if lat.size else float("nan"),
+        offload_ratio=targets.count("cloud") / max(1, len(targets)), refused=refused,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per load and policy")
+    parser.add_argument("--delay-ms", type=float, default=10.0, help="one-way edge-cloud delay")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    console = Console(stderr=args.json)
+    model = build_cnn()
+    onnx.checker.check_model(onnx.load_from_string(model))
+    x = np.random.default_rng(1).normal(size=(1, 8, 32, 32)).astype(np.float32)
+
+    local = LocalPath(model)
+    for _ in range(20):
+        local.run(x, 1000.0)
+    service = float(np.median([_timed(lambda: local.run(x, 1000.0)) for _ in range(100)]))
+    capacity = 1000.0 / service * local.admission.max_in_flight
+    console.print(f"local service {service:.2f} ms -> capacity {capacity:.0f} req/s")
+
+    broker = MosquittoBroker()
+    broker.start()
+    settings = MqttSettings(url=broker.url)
+    topics = Topics()
+    transports: list[MqttTransport] = []
+    rows: list[Row] = []
+    try:
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        deployed = deploy_model(
+            ServingSettings(model=MODEL, version=1, num_cpus=0.5, max_batch_size=16,
+                            batch_wait_timeout_ms=1.0), model,
+        )
+        bridge_tx = DelayedTransport(settings, args.delay_ms / 1000.0)
+        edge_tx = DelayedTransport(settings, args.delay_ms / 1000.0)
+        transports += [bridge_tx, edge_tx]
+        for t in transports:
+            t.connect()
+        bridge = InferenceBridge(bridge_tx, {MODEL: ServedModel(1, deployed.handle)}, topics)
+        bridge.start()
+        client = CloudClient(edge_tx, topics, "bench-edge", watch=[MODEL], probe_interval_s=0.2,
+                             breaker=CircuitBreaker(failure_threshold=20))
+        client.start()
+        for _ in range(20):
+            client.infer(MODEL, {"x": x}, timeout_s=5)
+        console.print(
+            f"cloud round trip {client.rtt_ms or 0:.1f} ms + service "
+            f"{client.service_ms(MODEL) or 0:.1f} ms (one-way delay {args.delay_ms:.0f} ms)"
+        )
+        router = Router(RoutingSettings(grace_ms=10.0), client)
+        for load in LOADS:
+            for policy in POLICIES:
+                row = run_load(policy, capacity * load, args.duration, local, router, x, load)
+                rows.append(row)
+                console.print(f"{load}x {policy}: met {row.met_budget:.3f}")
+                time.sleep(0.5)  # drain
+        client.close()
+        bridge.close()
+    finally:
+        for t in transports:
+            t.close()
+        try:
+            shutdown_serving()
+        finally:
+            import ray
+
+            ray.shutdown()
+            broker.close()
+    report(rows, service, capacity, args, console)
+
+
+def _timed(fn: Any) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1000.0
+
+
+def report(rows: list[Row], service: float, capacity: float, args: Any, console: Console) -> None:
+    ratios = {}
+    for load in LOADS:
+        by = {r.policy: r for r in rows if r.load == load}
+        best = max(by["local-only"].met_budget, by["cloud-only"].met_budget)
+        ratios[str(load)] = by["local-first"].met_budget / best if best else float("inf")
+    if args.json:
+        print(json.dumps({"budget_ms": BUDGET_MS, "delay_ms": args.delay_ms,
+                          "local_service_ms": service, "local_capacity_rps": capacity,
+                          "rows": [asdict(r) for r in rows],
+                          "local_first_vs_best_baseline": ratios}))
+        return
+    title = f"Routing, budget {BUDGET_MS:.0f} ms, one-way delay {args.delay_ms:.0f} ms"
+    table = Table(title=title)
+    columns = ("load", "policy", "req/s", "n", "met", "p50 ms", "p99 ms", "offload", "refused")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(f"{r.load}x", r.policy, f"{r.rate_rps:.0f}", str(r.requests),
+                      f"{r.met_budget:.1%}", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}",
+                      f"{r.offload_ratio:.1%}", str(r.refused))
+    console.print(table)
+    for load, ratio in ratios.items():
+        console.print(f"{load}x: local-first / best baseline met-budget ratio = {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
