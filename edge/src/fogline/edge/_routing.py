@@ -114,8 +114,13 @@ class LoadHints:
         if not isinstance(thermal, str):
             level = float(thermal)
             thermal = (
-                "critical" if level >= 0.9 else "hot" if level >= 0.75
-                else "warm" if level >= 0.5 else "normal"
+                "critical"
+                if level >= 0.9
+                else "hot"
+                if level >= 0.75
+                else "warm"
+                if level >= 0.5
+                else "normal"
             )
         if thermal not in ("normal", "warm", "hot", "critical"):
             thermal = "normal"
