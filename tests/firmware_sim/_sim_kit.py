@@ -92,28 +92,3 @@ class SimCloud:
         desired = self.kit.desired("fleet", {model: version}, sequence=sequence)
         publish(self.transport, self.topics.fleet_desired(), desired)
 
-
-def guard_partial_artifact_double_close() -> None:
-    """Work around an edge bug that only shows with many agents in one process.
-
-    ``fogline.edge._store.PartialArtifact.close`` closes its file descriptor again when
-    ``discard()`` follows ``close()`` (``ReleaseManager._fetch`` does exactly that on
-    success). With one agent per process that is harmless; with several agents
-    downloading at once, the number may already belong to another agent's file, which
-    then fails with EBADF. Until the edge makes ``close`` idempotent, make it so here.
-    """
-    from fogline.edge import _store
-
-    cls = _store.PartialArtifact
-    if getattr(cls, "_sim_close_guarded", False):
-        return
-    original = cls.close
-
-    def close(self: _store.PartialArtifact) -> None:
-        if getattr(self, "_sim_closed", False):
-            return
-        self._sim_closed = True  # type: ignore[attr-defined]
-        original(self)
-
-    cls.close = close  # type: ignore[method-assign]
-    cls._sim_close_guarded = True  # type: ignore[attr-defined]

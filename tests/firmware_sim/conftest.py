@@ -14,14 +14,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # for _sim_kit (tests have no packages)
 
-from _sim_kit import SimCloud, build_model, guard_partial_artifact_double_close
+from _sim_kit import SimCloud, build_model
 
 from fogline.protocol import MqttSettings, Topics
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _edge_double_close_guard() -> None:
-    guard_partial_artifact_double_close()
 
 
 @pytest.fixture
