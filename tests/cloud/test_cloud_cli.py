@@ -210,3 +210,42 @@ def test_cloud_serve_broker_down_fails_fast(tmp_path: Path) -> None:
     )
     assert code == 1 and json.loads(out)["error"]["code"] == "broker_unavailable"
     assert time.monotonic() - start < 60
+
+
+def test_cloud_serve_dev_broker_starts_one_on_the_configured_port(tmp_path: Path) -> None:
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fogline.cloud.cli",
+            "cloud",
+            "serve",
+            "--dev-broker",
+            "--data-dir",
+            str(tmp_path),
+            "--broker",
+            url,
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        started = json.loads(proc.stdout.readline())
+        assert started["broker"] == url
+        register_fake(tmp_path, tmp_path)
+        code, out, _ = invoke(
+            "model", "publish", "fake", "--data-dir", str(tmp_path), "--broker", url, "--json"
+        )
+        assert code == 0, out
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

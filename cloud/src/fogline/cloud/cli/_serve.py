@@ -15,7 +15,15 @@ from typing import Annotated, Protocol
 
 import typer
 
-from fogline.protocol import MqttTransport, development_broker
+from fogline.protocol import (
+    BrokerUnavailableError,
+    EmbeddedBroker,
+    MosquittoBroker,
+    MqttSettings,
+    MqttTransport,
+    broker_answers,
+    development_broker,
+)
 
 from .._artifacts import ArtifactService
 from .._config import CloudSettings
@@ -57,6 +65,35 @@ def build_services(settings: CloudSettings, transport: MqttTransport) -> list[Se
 
 
 @contextlib.contextmanager
+def _dev_broker(url: str) -> Iterator[str]:
+    """A broker at ``url`` if one answers; else, for a local URL, one started on that very
+    port (so ``fogline model publish`` and ``mosquitto_sub`` find it with their
+    defaults); else one on a free port."""
+    settings = MqttSettings(url=url)
+    if broker_answers(settings.host, settings.port):
+        yield url
+        return
+    if settings.host in ("127.0.0.1", "localhost") and not settings.uses_tls:
+        broker: MosquittoBroker | EmbeddedBroker
+        try:
+            broker = MosquittoBroker(port=settings.port)
+        except BrokerUnavailableError:  # mosquitto not installed
+            broker = EmbeddedBroker(port=settings.port)
+        try:
+            broker.start()
+        except BrokerUnavailableError:
+            broker.close()
+        else:
+            try:
+                yield broker.url
+            finally:
+                broker.close()
+            return
+    with development_broker(url) as info:
+        yield info.url
+
+
+@contextlib.contextmanager
 def _stop_on_signals() -> Iterator[threading.Event]:
     stop = threading.Event()
 
@@ -93,8 +130,8 @@ def serve(
         if share_group is not None:
             settings = settings.model_copy(update={"artifact_share_group": share_group})
         if dev_broker:
-            info = stack.enter_context(development_broker(settings.broker_url))
-            settings = settings.model_copy(update={"broker_url": info.url})
+            url = stack.enter_context(_dev_broker(settings.broker_url))
+            settings = settings.model_copy(update={"broker_url": url})
         stop = stack.enter_context(_stop_on_signals())
         transport = connect(settings)
         stack.callback(transport.close)
