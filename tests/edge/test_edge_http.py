@@ -144,3 +144,21 @@ def test_ready_is_503_without_models(agent_factory: Callable[..., Agent]) -> Non
     agent = agent_factory(http=HTTP)
     assert _request(agent, "GET", "/v2/health/live")[0] == 200
     assert _request(agent, "GET", "/v2/health/ready")[0] == 503
+
+
+def test_errors_keep_the_keep_alive_connection_usable(served: Agent) -> None:
+    assert served.http_url is not None
+    url = urlsplit(served.http_url)
+    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=10)
+    try:
+        for body, status in [(b"{bad", 400), (_infer_body(name="x"), 400), (_infer_body(), 200)] * 3:
+            conn.request("POST", "/v2/models/digits/infer", body=body)
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == status
+        conn.request("GET", "/v2/models/unknown")
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 404
+    finally:
+        conn.close()

@@ -45,9 +45,10 @@ __all__ = ["Agent", "AgentStatus", "InferenceResult", "ModelStatus"]
 log = logging.getLogger("fogline.edge.agent")
 
 STATUS_FILE = "status.json"
+_now = time.perf_counter
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class InferenceResult:
     """What one inference returned, where it ran, with which version, how fast."""
 
@@ -58,6 +59,30 @@ class InferenceResult:
     latency_ms: float
     met_budget: bool | None
     late: bool
+
+    @classmethod
+    def _make(
+        cls,
+        outputs: dict[str, np.ndarray],
+        model: str,
+        version: int,
+        where: Literal["edge", "cloud"],
+        latency_ms: float,
+        met_budget: bool | None,
+        late: bool,
+    ) -> InferenceResult:
+        """Hot-path constructor: a frozen dataclass's ``__init__`` pays one
+        ``object.__setattr__`` per field; filling ``__dict__`` directly is 3x cheaper."""
+        self = object.__new__(cls)
+        d = self.__dict__
+        d["outputs"] = outputs
+        d["model"] = model
+        d["version"] = version
+        d["where"] = where
+        d["latency_ms"] = latency_ms
+        d["met_budget"] = met_budget
+        d["late"] = late
+        return self
 
 
 class ModelStatus(BaseModel):
@@ -125,8 +150,6 @@ class Agent:
         self._http: HttpServer | None = None
         self._hints: dict[str, float] = {}
         self._versions = threading.Condition()
-        self._budgeted = 0
-        self._met = 0
         self._started_at = time.monotonic()
         self._started = False
         self._stopped = False
@@ -236,25 +259,23 @@ class Agent:
         self, loaded: LoadedModel, inputs: Mapping[str, np.ndarray], budget_ms: float | None
     ) -> InferenceResult:
         admission = self._admission
-        start = time.perf_counter()
-        admission.acquire(budget_ms)
-        began = time.perf_counter()
+        start = _now()
+        began = _now() if admission.acquire(budget_ms) else start
         try:
             outputs = run_model(loaded, inputs)
         except BaseException:
             admission.release(loaded.name, 0.0, 0.0, False)
             raise
-        end = time.perf_counter()
+        end = _now()
         latency_ms = (end - start) * 1000.0
-        admission.release(loaded.name, (end - began) * 1000.0, latency_ms, True)
         if budget_ms is None:
-            return InferenceResult(
+            admission.release(loaded.name, (end - began) * 1000.0, latency_ms, True)
+            return InferenceResult._make(
                 outputs, loaded.name, loaded.version, "edge", latency_ms, None, False
             )
         met = latency_ms <= budget_ms
-        self._budgeted += 1
-        self._met += met
-        return InferenceResult(
+        admission.release(loaded.name, (end - began) * 1000.0, latency_ms, True, met)
+        return InferenceResult._make(
             outputs, loaded.name, loaded.version, "edge", latency_ms, met, not met
         )
 
@@ -415,6 +436,7 @@ class Agent:
 
     def _heartbeat(self, seq: int) -> Heartbeat:
         st = self.status()
+        snap = self._admission.snapshot()
         cpu, mem = self._process_usage()
         total = st.requests + st.refused
         return Heartbeat(
@@ -430,14 +452,14 @@ class Agent:
             errors=st.errors + st.refused,
             edge_requests=st.edge_requests,
             cloud_requests=st.cloud_requests,
-            budgeted_requests=self._budgeted,
-            met_budget=self._met,
+            budgeted_requests=snap.budgeted,
+            met_budget=snap.met_budget,
             latency_p50_ms=st.latency_p50_ms,
             latency_p99_ms=st.latency_p99_ms,
             queue_depth=st.queue_depth,
             in_flight=st.in_flight,
             offload_ratio=st.cloud_requests / total if total else 0.0,
-            met_budget_ratio=self._met / self._budgeted if self._budgeted else 1.0,
+            met_budget_ratio=snap.met_budget / snap.budgeted if snap.budgeted else 1.0,
             breaker_state=st.breaker_state,
             cpu_percent=cpu,
             memory_mb=mem,

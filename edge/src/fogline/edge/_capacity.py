@@ -1,15 +1,20 @@
 """Admission control: at most ``max_in_flight`` requests run, at most ``max_queue`` wait.
 
 A request waits for a slot at most its budget (or the default maximum wait), then is
-refused with :class:`CapacityError`; it never waits forever. The fast path (a free slot)
-takes one uncontended lock. Counters and the per-model service-time estimate (EWMA) are
-updated under that same lock when a request finishes; the router reads them.
+refused with :class:`CapacityError`; it never waits forever.
+
+The hot path must cost well under a microsecond, so it takes no Python lock: slots are
+tokens in a C-implemented ``queue.SimpleQueue`` (``get_nowait``/``put`` are atomic), and
+each finished request appends one tuple to a deque (atomic too). Readers (telemetry,
+router, status) drain that log under a lock into the counters, the latency window and
+the per-model service-time estimate (EWMA). Only a request that finds no free slot takes
+the lock, to count itself against the queue bound.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -21,6 +26,7 @@ __all__ = ["Admission", "CapacitySnapshot"]
 
 _EWMA_ALPHA = 0.1
 _LATENCY_WINDOW = 2048
+_DRAIN_AT = 4096  # drain the log on the hot path only if nobody has read it for long
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,8 @@ class CapacitySnapshot:
     requests: int
     errors: int
     refused: int
+    budgeted: int
+    met_budget: int
     latency_p50_ms: float
     latency_p99_ms: float
 
@@ -43,96 +51,134 @@ class Admission:
         self.max_in_flight = max_in_flight
         self.max_queue = max_queue
         self.default_max_wait_s = default_max_wait_ms / 1000.0
+        self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(max_in_flight):
+            self._tokens.put(None)
+        self._log: deque[tuple[str, float, float, bool, bool | None]] = deque()
         self._lock = threading.Lock()
-        self._freed = threading.Condition(self._lock)
-        self.in_flight = 0
         self.waiting = 0
-        self.requests = 0
-        self.errors = 0
+        self._requests = 0
+        self._errors = 0
         self.refused = 0
+        self._budgeted = 0
+        self._met = 0
         self._service_ms: dict[str, float] = {}
         self._latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
 
     # -- hot path -------------------------------------------------------------------------
-    def acquire(self, budget_ms: float | None) -> None:
-        """Take a slot, waiting at most ``budget_ms`` (or the default maximum wait)."""
-        with self._lock:
-            if self.in_flight < self.max_in_flight and not self.waiting:
-                self.in_flight += 1
-                return
-            self._wait(budget_ms)
-
-    def release(self, model: str, service_ms: float, latency_ms: float, ok: bool) -> None:
-        """Give the slot back and record how the request went."""
-        with self._lock:
-            self.in_flight -= 1
-            self.requests += 1
-            if ok:
-                est = self._service_ms.get(model)
-                self._service_ms[model] = (
-                    service_ms if est is None else est + _EWMA_ALPHA * (service_ms - est)
-                )
-                self._latencies.append(latency_ms)
-            else:
-                self.errors += 1
-            if self.waiting:
-                self._freed.notify()
-
-    # -- slow path (lock held) --------------------------------------------------------------
-    def _wait(self, budget_ms: float | None) -> None:
-        if self.waiting >= self.max_queue:
-            self.refused += 1
-            raise CapacityError(
-                f"over capacity: {self.in_flight} requests in flight and {self.waiting} queued "
-                f"(max {self.max_in_flight} + {self.max_queue})"
-            )
-        wait_s = self.default_max_wait_s if budget_ms is None else max(budget_ms, 0.0) / 1000.0
-        deadline = time.monotonic() + wait_s
-        self.waiting += 1
+    def acquire(self, budget_ms: float | None) -> bool:
+        """Take a slot, waiting at most ``budget_ms`` (or the default maximum wait).
+        Returns whether it had to wait."""
         try:
-            while self.in_flight >= self.max_in_flight:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._freed.wait(left):
-                    if self.in_flight < self.max_in_flight:
-                        break
-                    self.refused += 1
-                    raise CapacityError(
-                        f"over capacity: no inference slot freed within {wait_s * 1000:.0f} ms "
-                        f"({self.in_flight} in flight, {self.waiting} queued)"
-                    )
-            self.in_flight += 1
+            self._tokens.get_nowait()
+            return False
+        except queue.Empty:
+            self._wait(budget_ms)
+            return True
+
+    def release(
+        self, model: str, service_ms: float, latency_ms: float, ok: bool, met: bool | None = None
+    ) -> None:
+        """Give the slot back and record how the request went (``met``: whether it met
+        its latency budget; None without a budget)."""
+        self._tokens.put(None)
+        log = self._log
+        log.append((model, service_ms, latency_ms, ok, met))
+        if len(log) > _DRAIN_AT:
+            self._drain()
+
+    # -- slow path ------------------------------------------------------------------------
+    def _wait(self, budget_ms: float | None) -> None:
+        with self._lock:
+            if self.waiting >= self.max_queue:
+                self.refused += 1
+                raise CapacityError(
+                    f"over capacity: {self.in_flight} requests in flight and {self.waiting} "
+                    f"queued (max {self.max_in_flight} + {self.max_queue})"
+                )
+            self.waiting += 1
+        wait_s = self.default_max_wait_s if budget_ms is None else max(budget_ms, 0.0) / 1000.0
+        try:
+            self._tokens.get(timeout=wait_s) if wait_s > 0 else self._tokens.get_nowait()
+        except queue.Empty:
+            with self._lock:
+                self.refused += 1
+            raise CapacityError(
+                f"over capacity: no inference slot freed within {wait_s * 1000:.0f} ms "
+                f"({self.in_flight} in flight, {self.waiting} queued)"
+            ) from None
         finally:
-            self.waiting -= 1
+            with self._lock:
+                self.waiting -= 1
+
+    def _drain(self) -> None:
+        with self._lock:
+            log = self._log
+            while log:
+                try:
+                    model, service_ms, latency_ms, ok, met = log.popleft()
+                except IndexError:
+                    break
+                self._requests += 1
+                if met is not None:
+                    self._budgeted += 1
+                    self._met += met
+                if ok:
+                    est = self._service_ms.get(model)
+                    self._service_ms[model] = (
+                        service_ms if est is None else est + _EWMA_ALPHA * (service_ms - est)
+                    )
+                    self._latencies.append(latency_ms)
+                else:
+                    self._errors += 1
 
     # -- readers (router, telemetry) ---------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return max(0, self.max_in_flight - self._tokens.qsize())
+
     @property
     def queue_depth(self) -> int:
         return self.waiting
 
+    @property
+    def requests(self) -> int:
+        self._drain()
+        return self._requests
+
+    @property
+    def errors(self) -> int:
+        self._drain()
+        return self._errors
+
     def service_estimate_ms(self, model: str) -> float | None:
         """Running estimate (EWMA) of the local service time of ``model``."""
+        self._drain()
         return self._service_ms.get(model)
 
     def expected_wait_ms(self, model: str) -> float:
-        """Rough local queueing delay: queued requests ahead times the service time."""
-        est = self._service_ms.get(model) or 0.0
+        """Rough local queueing delay: requests ahead times the service time per slot."""
         if self.in_flight < self.max_in_flight:
             return 0.0
+        est = self.service_estimate_ms(model) or 0.0
         return (self.waiting + 1) * est / self.max_in_flight
 
     def snapshot(self) -> CapacitySnapshot:
+        self._drain()
         with self._lock:
             lat = np.fromiter(self._latencies, dtype=np.float64, count=len(self._latencies))
-            snap = (self.in_flight, self.waiting, self.requests, self.errors, self.refused)
+            counts = (self._requests, self._errors, self.refused, self._budgeted, self._met)
         p50, p99 = (float(v) for v in np.percentile(lat, [50, 99])) if lat.size else (0.0, 0.0)
         return CapacitySnapshot(
-            in_flight=snap[0],
-            queue_depth=snap[1],
+            in_flight=self.in_flight,
+            queue_depth=self.waiting,
             max_in_flight=self.max_in_flight,
             max_queue=self.max_queue,
-            requests=snap[2],
-            errors=snap[3],
-            refused=snap[4],
+            requests=counts[0],
+            errors=counts[1],
+            refused=counts[2],
+            budgeted=counts[3],
+            met_budget=counts[4],
             latency_p50_ms=p50,
             latency_p99_ms=p99,
         )

@@ -275,7 +275,11 @@ def build_app(agent: Agent, config: HttpConfig) -> Starlette:
         Route("/v2/models/{name}/versions/{version}/ready", model_ready),
         Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
     ]
-    return Starlette(routes=routes, exception_handlers={Exception: on_error})
+    # Expected errors get their own handlers: Starlette re-raises whatever reaches the
+    # catch-all ``Exception`` handler after answering, and uvicorn then drops the
+    # keep-alive connection and logs a traceback.
+    handlers: dict[Any, Any] = {_HttpError: on_error, FoglineError: on_error, Exception: on_error}
+    return Starlette(routes=routes, exception_handlers=handlers)
 
 
 def _respond(doc: dict[str, Any], result: Any, wanted: list[tuple[str, bool]]) -> Response:
@@ -327,7 +331,10 @@ class HttpServer:
         self._config = config
         self._app = build_app(agent, config)
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted sockets only
+        # when the listener says TCP; without it Nagle and delayed ACKs add ~40 ms to
+        # every keep-alive request.
+        self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self._socket.bind((config.host, config.port))
