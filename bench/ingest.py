@@ -8,10 +8,19 @@ publisher processes, one after the other in this one run:
   and writes it to a SQLite registry. It is timed until the *store* holds every
   heartbeat (committed), not merely until they arrived.
 
-Rate = heartbeats / (last one done - publishers released). The broker is configured
-with unlimited queues so nothing is dropped and both runs count every message.
+Two modes, both measured for both subscribers:
 
-    .venv/bin/python bench/ingest.py [--messages 20000] [--publishers 2] [--devices 200]
+- **live**: publishers release all heartbeats while the subscriber runs; rate =
+  heartbeats / (last one done - publishers released). On a small machine the publisher
+  processes compete with the subscriber for CPU, so this is partly a publisher figure;
+- **drain**: the heartbeats are first queued by the broker in the subscriber's
+  persistent session (clean session off) while it is away; the clock starts when it
+  connects. This is the subscriber's own ceiling.
+
+The broker is configured with unlimited queues so nothing is dropped and both runs count
+every message.
+
+    .venv/bin/python bench/ingest.py [--messages 20000] [--publishers 2] [--devices 200] [--json]
 """
 
 from __future__ import annotations
@@ -33,7 +42,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fogline.cloud.fleet import FleetMonitor, SqliteFleetStore
-from fogline.protocol import Heartbeat, MosquittoBroker, MqttSettings, Topics, encode
+from fogline.protocol import (
+    Heartbeat,
+    MosquittoBroker,
+    MqttSettings,
+    MqttTransport,
+    Topics,
+    encode,
+)
 
 QOS = 1
 
@@ -77,6 +93,42 @@ def _publisher(host: str, port: int, items: list[tuple[str, bytes]], go: object)
     client.loop_stop()
 
 
+def _publish_all(
+    broker: MosquittoBroker, items: list[tuple[str, bytes]], publishers: int, go: object
+) -> list[mp.process.BaseProcess]:
+    """Start publisher processes; they publish once ``go`` is set. Keep ``go`` referenced
+    until they are joined: its semaphore dies with the last reference."""
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_publisher, args=(broker.host, broker.port, items[i::publishers], go))
+        for i in range(publishers)
+    ]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def _join(procs: list[mp.process.BaseProcess]) -> None:
+    for p in procs:
+        p.join(120)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _wait(
+    done: Callable[[], int], total: int, label: str, progress: Progress, start: float
+) -> float:
+    task = progress.add_task(label, total=total)
+    while (n := done()) < total:
+        progress.update(task, completed=n)
+        if time.perf_counter() - start > 300:
+            raise RuntimeError(f"{label}: only {n}/{total} after 300 s")
+        time.sleep(0.005)
+    progress.update(task, completed=total)
+    return time.perf_counter() - start
+
+
 def _drive(
     broker: MosquittoBroker,
     items: list[tuple[str, bytes]],
@@ -85,34 +137,39 @@ def _drive(
     label: str,
     progress: Progress,
 ) -> float:
-    """Release the publishers and wait until ``done()`` reaches len(items). Returns s."""
-    ctx = mp.get_context("spawn")
-    go = ctx.Event()
-    procs = [
-        ctx.Process(target=_publisher, args=(broker.host, broker.port, items[i::publishers], go))
-        for i in range(publishers)
-    ]
-    for p in procs:
-        p.start()
+    """Live mode: release the publishers, wait until ``done()`` reaches len(items)."""
+    go = mp.get_context("spawn").Event()
+    procs = _publish_all(broker, items, publishers, go)
     try:
         time.sleep(1.0)  # let the publishers connect before the clock starts
-        task = progress.add_task(label, total=len(items))
         start = time.perf_counter()
         go.set()
-        while (n := done()) < len(items):
-            progress.update(task, completed=n)
-            if time.perf_counter() - start > 300:
-                raise RuntimeError(f"{label}: only {n}/{len(items)} after 300 s")
-            time.sleep(0.005)
-        elapsed = time.perf_counter() - start
-        progress.update(task, completed=len(items))
-        return elapsed
+        return _wait(done, len(items), label, progress, start)
     finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        _join(procs)
+
+
+def _prime(
+    broker: MosquittoBroker,
+    client_id: str,
+    topic_filter: str,
+    items: list[tuple[str, bytes]],
+    publishers: int,
+) -> None:
+    """Drain mode: create the persistent session, leave, and let the broker queue it all."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *_a: subscribed.set()
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    client.subscribe(topic_filter, qos=QOS)
+    subscribed.wait(10)
+    client.disconnect()
+    client.loop_stop()
+    go = mp.get_context("spawn").Event()
+    procs = _publish_all(broker, items, publishers, go)
+    go.set()
+    _join(procs)
 
 
 def _baseline(
@@ -121,25 +178,34 @@ def _baseline(
     items: list[tuple[str, bytes]],
     publishers: int,
     progress: Progress,
+    drain: bool,
 ) -> float:
     count = 0
     lock = threading.Lock()
     subscribed = threading.Event()
+    client_id = f"bench-plain-{uuid.uuid4().hex[:8]}"
+    topic_filter = topics.all_device("heartbeat")
+    if drain:
+        _prime(broker, client_id, topic_filter, items, publishers)
 
     def on_message(_c: paho.Client, _u: object, _m: paho.MQTTMessage) -> None:
         nonlocal count
         with lock:
             count += 1
 
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-plain-sub")
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not drain)
     client.on_message = on_message
     client.on_subscribe = lambda *_a: subscribed.set()
-    client.connect(broker.host, broker.port)
-    client.subscribe(topics.all_device("heartbeat"), qos=QOS)
-    client.loop_start()
+    label = f"plain paho subscriber ({'drain' if drain else 'live'})"
     try:
+        start = time.perf_counter()
+        client.connect(broker.host, broker.port)
+        client.subscribe(topic_filter, qos=QOS)
+        client.loop_start()
+        if drain:
+            return _wait(lambda: count, len(items), label, progress, start)
         subscribed.wait(10)
-        return _drive(broker, items, publishers, lambda: count, "plain paho subscriber", progress)
+        return _drive(broker, items, publishers, lambda: count, label, progress)
     finally:
         client.disconnect()
         client.loop_stop()
@@ -152,24 +218,33 @@ def _fogline(
     publishers: int,
     progress: Progress,
     workdir: Path,
+    drain: bool,
 ) -> tuple[float, int]:
-    store = SqliteFleetStore(workdir / "fleet.sqlite3")
-    monitor = FleetMonitor(MqttSettings(url=broker.url), store, topics, heartbeat_interval_s=60.0)
+    client_id = f"bench-fleet-{uuid.uuid4().hex[:8]}"
+    if drain:
+        _prime(broker, client_id, topics.all_device("heartbeat"), items, publishers)
+    store = SqliteFleetStore(workdir / f"{client_id}.sqlite3")
+    transport = MqttTransport(
+        MqttSettings(url=broker.url), client_id=client_id, clean_session=not drain
+    )
+    monitor = FleetMonitor(transport, store, topics, heartbeat_interval_s=60.0)
+    label = f"fogline fleet monitor ({'drain' if drain else 'live'})"
     try:
+        start = time.perf_counter()
         monitor.start()
-        time.sleep(0.5)  # SUBACK
-        elapsed = _drive(
-            broker,
-            items,
-            publishers,
-            lambda: monitor.stats().applied,
-            "fogline fleet monitor",
-            progress,
-        )
+        transport.connect()
+        if drain:
+            elapsed = _wait(lambda: monitor.stats().applied, len(items), label, progress, start)
+        else:
+            time.sleep(0.5)  # SUBACK
+            elapsed = _drive(
+                broker, items, publishers, lambda: monitor.stats().applied, label, progress
+            )
         stored = sum(d.heartbeats for d in store.devices())
         return elapsed, stored
     finally:
         monitor.close()
+        transport.close()
         store.close()
 
 
@@ -181,13 +256,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     console = Console(stderr=args.json)
+    results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
+        (workdir / "mosquitto").mkdir()
         broker = MosquittoBroker(
             extra_config=["max_queued_messages 0", "max_inflight_messages 0"],
             workdir=workdir / "mosquitto",
         )
-        (workdir / "mosquitto").mkdir()
         broker.start()
         try:
             with Progress(
@@ -197,39 +273,49 @@ def main() -> None:
                 TimeElapsedColumn(),
                 console=console,
             ) as progress:
-                base_topics = Topics(f"bench/{uuid.uuid4().hex[:8]}")
-                items = _heartbeats(base_topics, args.messages, args.devices)
-                base_s = _baseline(broker, base_topics, items, args.publishers, progress)
-                fog_topics = Topics(f"bench/{uuid.uuid4().hex[:8]}")
-                items = _heartbeats(fog_topics, args.messages, args.devices)
-                fog_s, stored = _fogline(
-                    broker, fog_topics, items, args.publishers, progress, workdir
-                )
+                for mode in ("live", "drain"):
+                    drain = mode == "drain"
+                    topics = Topics(f"bench/{uuid.uuid4().hex[:8]}")
+                    items = _heartbeats(topics, args.messages, args.devices)
+                    base_s = _baseline(broker, topics, items, args.publishers, progress, drain)
+                    topics = Topics(f"bench/{uuid.uuid4().hex[:8]}")
+                    items = _heartbeats(topics, args.messages, args.devices)
+                    fog_s, stored = _fogline(
+                        broker, topics, items, args.publishers, progress, workdir, drain
+                    )
+                    if stored != args.messages:
+                        raise RuntimeError(f"{mode}: {stored}/{args.messages} in the store")
+                    base, fog = args.messages / base_s, args.messages / fog_s
+                    results[mode] = {
+                        "plain_paho_per_s": round(base),
+                        "fogline_monitor_per_s": round(fog),
+                        "ratio": round(fog / base, 3),
+                    }
         finally:
             broker.close()
-    base_rate, fog_rate = args.messages / base_s, args.messages / fog_s
-    result = {
-        "messages": args.messages,
-        "publishers": args.publishers,
-        "devices": args.devices,
-        "plain_paho_per_s": round(base_rate),
-        "fogline_monitor_per_s": round(fog_rate),
-        "ratio": round(fog_rate / base_rate, 3),
-        "stored_heartbeats": stored,
-    }
     if args.json:
-        print(json.dumps(result))
+        print(
+            json.dumps(
+                {
+                    "messages": args.messages,
+                    "publishers": args.publishers,
+                    "devices": args.devices,
+                    **results,
+                }
+            )
+        )
         return
-    table = Table(title="Heartbeat ingest (same broker, same run)")
-    for col in ("subscriber", "heartbeats/s", "seconds"):
+    table = Table(title=f"Heartbeat ingest, {args.messages} heartbeats (same broker, same run)")
+    for col in ("mode", "plain paho-mqtt (count only)", "Fogline monitor (into SQLite)", "ratio"):
         table.add_column(col)
-    table.add_row("plain paho-mqtt (count only)", f"{base_rate:,.0f}", f"{base_s:.2f}")
-    table.add_row("Fogline monitor (decode, validate, SQLite)", f"{fog_rate:,.0f}", f"{fog_s:.2f}")
+    for mode, r in results.items():
+        table.add_row(
+            mode,
+            f"{r['plain_paho_per_s']:,.0f}/s",
+            f"{r['fogline_monitor_per_s']:,.0f}/s",
+            f"{r['ratio']:.2f}",
+        )
     console.print(table)
-    console.print(
-        f"ratio fogline/plain = {fog_rate / base_rate:.2f}; "
-        f"{stored}/{args.messages} heartbeats in the store"
-    )
 
 
 if __name__ == "__main__":
