@@ -56,7 +56,7 @@ def _measure_all(
     console: Console | None,
 ) -> list[VariantMeasurement]:
     from ._measure import MeasureJob, measure_variant, top1
-    from ._ray_backend import cluster_cpus, map_tasks
+    from ._ray_backend import map_tasks, task_cpus
 
     reference = None
     if labels is None:  # unlabeled: agreement with fp32 is the accuracy metric
@@ -76,7 +76,7 @@ def _measure_all(
     ]
     # Reserve as many CPUs as the largest thread budget (capped by the cluster) so
     # parallel measurements do not distort each other more than the cluster must.
-    cpus = min(max(threads), cluster_cpus())
+    cpus = task_cpus(max(threads))
     with make_progress(progress, console) as bar:
         task = bar.add_task("measure", total=len(jobs), info="variants as Ray tasks")
 

@@ -14,7 +14,7 @@ import ray
 
 from fogline.protocol import TrainingError
 
-__all__ = ["cluster_cpus", "map_tasks", "ray_runtime"]
+__all__ = ["cluster_cpus", "map_tasks", "ray_runtime", "task_cpus"]
 
 log = logging.getLogger("fogline.cloud.ray")
 
@@ -50,6 +50,17 @@ def ray_runtime() -> Iterator[None]:
 
 def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))  # type: ignore[no-untyped-call]
+
+
+def task_cpus(wanted: int) -> float:
+    """CPUs to reserve per task: ``wanted`` capped by the cluster, and by what is free
+    right now (other work, e.g. Serve replicas, may hold some), so tasks never wait for
+    resources that will not come. At least half a CPU."""
+    cpus = float(min(wanted, cluster_cpus()))
+    free = float(ray.available_resources().get("CPU", 0.0))  # type: ignore[no-untyped-call]
+    if free < cpus:
+        cpus = max(0.5, int(free * 2) / 2)
+    return cpus
 
 
 def map_tasks(

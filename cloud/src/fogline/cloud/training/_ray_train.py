@@ -25,6 +25,7 @@ from rich.console import Console
 from fogline.protocol import TrainingError
 
 from .._progress import make_progress
+from .._ray_backend import task_cpus
 from ._recipes import Recipe, load_recipe
 
 __all__ = ["TrainResult", "train_on_ray"]
@@ -116,7 +117,9 @@ def train_on_ray(
             "seed": seed,
             "queue": queue,
         },
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=False, resources_per_worker={"CPU": task_cpus(1)}
+        ),
         run_config=RunConfig(
             name=f"fogline-{uuid.uuid4().hex[:8]}", storage_path=str(storage_dir.resolve())
         ),
