@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from fogline.protocol import (
     BrokerUnavailableError,
     ConfigError,
+    EmbeddedBroker,
     MosquittoBroker,
     MqttMessage,
     MqttSettings,
@@ -247,6 +248,29 @@ def test_a_raising_handler_does_not_stop_delivery(
     assert client.connected
 
 
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_publish_refused_by_the_broker(
+    private_mosquitto: Callable[..., MosquittoBroker],
+    clients: Callable[..., MqttTransport],
+    tmp_path: Path,
+    protocol: str,
+) -> None:
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite allowed/#\n")  # anonymous clients: only allowed/#
+    broker = private_mosquitto([f"acl_file {acl}"])
+    client = clients(MqttSettings(url=broker.url, protocol=protocol))
+    got = Collector()
+    client.subscribe("allowed/#", got, wait=True)
+    if protocol == "5":  # the PUBACK says "Not authorized"
+        with pytest.raises(PublishError, match="Not authorized"):
+            client.publish("denied/x", b"x", qos=1, wait=True)
+    else:  # MQTT 3.1.1 has no way to say so: acknowledged and dropped
+        client.publish("denied/x", b"x", qos=1, wait=True)
+    client.publish("allowed/x", b"ok", qos=1, wait=True)  # nothing sticks to the client
+    assert [m.payload for m in got.wait_for(1)] == [b"ok"]
+    assert client.connected
+
+
 # -- connection failures ------------------------------------------------------------------
 
 
@@ -338,16 +362,35 @@ def test_bad_password_raises_broker_unavailable(
 # -- reconnects --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+@pytest.fixture
+def restartable_broker(
+    request: pytest.FixtureRequest, private_mosquitto: Callable[..., MosquittoBroker]
+) -> Iterator[tuple[str, Callable[[], None]]]:
+    """(url, restart) of a broker of this test's own; restart keeps the port."""
+    if request.param == "amqtt":
+        embedded = EmbeddedBroker()
+        embedded.start()
+        try:
+            yield embedded.url, lambda: (embedded.stop(), embedded.start())
+        finally:
+            embedded.close()
+    else:
+        broker = private_mosquitto()
+        yield broker.url, broker.restart
+
+
+@pytest.mark.parametrize(
+    ("restartable_broker", "protocol"),
+    [("mosquitto", "3.1.1"), ("mosquitto", "5"), ("amqtt", "3.1.1")],
+    indirect=["restartable_broker"],
+)
 def test_reconnects_and_restores_subscriptions_after_broker_restart(
-    private_mosquitto: Callable[..., MosquittoBroker],
+    restartable_broker: tuple[str, Callable[[], None]],
     clients: Callable[..., MqttTransport],
     protocol: str,
 ) -> None:
-    broker = private_mosquitto()
-    settings = MqttSettings(
-        url=broker.url, protocol=protocol, reconnect_min_s=0.1, reconnect_max_s=0.5
-    )
+    url, restart = restartable_broker
+    settings = MqttSettings(url=url, protocol=protocol, reconnect_min_s=0.1, reconnect_max_s=0.5)
     topic = _topic()
     sub, pub = clients(settings), clients(settings)
     got = Collector()
@@ -364,7 +407,7 @@ def test_reconnects_and_restores_subscriptions_after_broker_restart(
     pub.publish(topic, b"before", qos=1, wait=True)
     got.wait_for(1)
 
-    broker.restart()  # same port, fresh broker: no session, no subscriptions
+    restart()  # same port, fresh broker: no session, no subscriptions
     assert up_again.wait(WAIT), "subscriber did not reconnect"
     assert pub.wait_connected(WAIT), "publisher did not reconnect"
     assert ups[0] is False and ups[-1] is True

@@ -162,6 +162,7 @@ class MosquittoBroker:
             "log_type notice",
             "max_queued_messages 100000",
             "max_inflight_messages 100",
+            "set_tcp_nodelay true",  # no Nagle delay on request/reply traffic
         ]
         if not has_listener:
             lines += [f"listener {self.port} {self.host}", "allow_anonymous true"]
@@ -252,6 +253,54 @@ class MosquittoBroker:
         self.close()
 
 
+async def _shutdown_amqtt(broker: Any, timeout: float) -> None:
+    """Shut amqtt down without leaving its port bound.
+
+    amqtt's ``shutdown()`` first stops each client session, and that can wait forever
+    for a reader that never reports stopping; only then does it close its listeners.
+    So: close the listeners (the port is free whatever happens next), close each
+    client's connection (the readers then stop), and only then call ``shutdown()``.
+    The first two use amqtt internals, hence the getattr guards.
+    """
+    for server in list(getattr(broker, "_servers", {}).values()):
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.close_instance(), timeout)
+    for _session, handler in list(getattr(broker, "_sessions", {}).values()):
+        writer = getattr(handler, "writer", None)
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.close(), timeout)
+    try:
+        await asyncio.wait_for(broker.shutdown(), timeout)
+    except Exception:
+        log.debug("embedded broker: shutdown did not finish cleanly", exc_info=True)
+
+
+def _drain_and_close(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what amqtt left running, let it unwind, then close the loop; closing
+    with tasks pending leaves half-run coroutines that warn when collected."""
+    try:
+        tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        # Connections amqtt still holds (e.g. one accepted mid-shutdown): close them
+        # rather than leave the sockets to the garbage collector. ``_transports`` is
+        # the selector loop's own registry; other loops simply have none.
+        transports = list(getattr(loop, "_transports", {}).values())
+        for transport in transports:
+            if transport is not None and not transport.is_closing():
+                transport.close()
+        if transports:
+            loop.run_until_complete(asyncio.sleep(0))  # run their close callbacks
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    except Exception:
+        log.debug("embedded broker: error while draining its event loop", exc_info=True)
+    finally:
+        loop.close()
+
+
 class EmbeddedBroker:
     """The amqtt broker (MQTT 3.1.1) on its own event loop in a daemon thread."""
 
@@ -286,40 +335,51 @@ class EmbeddedBroker:
         errors: list[BaseException] = []
 
         def run() -> None:
-            assert self._loop is not None
-            asyncio.set_event_loop(self._loop)
+            loop = self._loop
+            assert loop is not None
+            asyncio.set_event_loop(loop)
             try:
-                self._broker = Broker(config, loop=self._loop)
-                self._loop.run_until_complete(self._broker.start())
-            except BaseException as exc:
-                errors.append(exc)
-                started.set()
-                return
-            started.set()
-            self._loop.run_forever()
+                try:
+                    broker = Broker(config, loop=loop)
+                    loop.run_until_complete(broker.start())
+                    self._broker = broker  # only a started broker is shut down later
+                except BaseException as exc:
+                    errors.append(exc)
+                    return
+                finally:
+                    started.set()
+                loop.run_forever()
+            finally:
+                _drain_and_close(loop)
 
         self._thread = threading.Thread(target=run, name="fogline-amqtt", daemon=True)
         self._thread.start()
         started.wait(timeout)
+        if errors:
+            # The thread ends by itself, draining and closing its loop: let it finish
+            # before stop() looks at that loop.
+            self._thread.join(timeout)
         if errors or not _wait_until_answers(self.host, self.port, timeout):
             self.stop()
             raise BrokerUnavailableError(f"embedded broker did not start: {errors[:1]}")
 
     def stop(self, timeout: float = 5.0) -> None:
-        loop, broker = self._loop, self._broker
+        loop, broker, thread = self._loop, self._broker, self._thread
         if loop is None:
             return
-        if broker is not None and loop.is_running():
-            future = asyncio.run_coroutine_threadsafe(broker.shutdown(), loop)
-            with contextlib.suppress(Exception):
-                future.result(timeout)
-        if loop.is_running():
-            loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout)
-        if not loop.is_running():
-            loop.close()
         self._loop, self._broker, self._thread = None, None, None
+        alive = thread is not None and thread.is_alive()
+        if alive and broker is not None and loop.is_running():
+            future = asyncio.run_coroutine_threadsafe(_shutdown_amqtt(broker, timeout), loop)
+            with contextlib.suppress(Exception):
+                future.result(timeout * 3)
+        if alive:
+            with contextlib.suppress(RuntimeError):  # the loop closed in the meantime
+                loop.call_soon_threadsafe(loop.stop)
+            assert thread is not None
+            thread.join(timeout)  # the thread drains and closes its loop
+        elif not loop.is_closed():
+            loop.close()
 
     def close(self) -> None:
         self.stop()

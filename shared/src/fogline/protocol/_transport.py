@@ -13,8 +13,10 @@ backoff. This wrapper adds what Fogline needs on top:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import socket
 import ssl
 import threading
 import uuid
@@ -164,6 +166,11 @@ def _check_filter(topic_filter: str) -> None:
             )
 
 
+def _disable_nagle(_client: paho.Client, _userdata: Any, sock: Any) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _strip_share(topic_filter: str) -> str:
     """``$share/group/a/b`` delivers messages on ``a/b``; match handlers on that."""
     if topic_filter.startswith("$share/"):
@@ -195,6 +202,10 @@ class MqttTransport:
         self._connected = threading.Event()
         self._connack = threading.Event()  # set by each CONNACK, accepted or refused
         self._pending_subs: dict[int, _PendingSubscribe] = {}
+        # The latest refusing PUBACK (MQTT 5 reason code) per message id. Its own lock:
+        # paho calls on_publish holding its message mutex, which publish() also takes.
+        self._pub_lock = threading.Lock()
+        self._pub_refusals: dict[int, ReasonCode] = {}
         self._refusal: FoglineError | None = None
         self._listeners: list[ConnectionListener] = []
         self._started = False
@@ -232,9 +243,13 @@ class MqttTransport:
                 self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
             except ValueError as exc:
                 raise ConfigError(f"mqtt last will: {exc}") from None
+        # Nagle's algorithm plus delayed ACKs adds ~40 ms to every QoS 1 exchange;
+        # request/reply traffic (inference, chunks) cannot afford it.
+        self._client.on_socket_open = _disable_nagle
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_publish = self._on_publish
 
     # -- connection ---------------------------------------------------------------------
     @property
@@ -373,7 +388,9 @@ class MqttTransport:
         timeout: float = 10.0,
     ) -> None:
         """Publish. With ``wait`` (QoS 1 or 2), block until the broker acknowledges it,
-        raising :class:`PublishError` on timeout."""
+        raising :class:`PublishError` on timeout, or if the broker refused it (an MQTT 5
+        PUBACK with a failure reason, e.g. "Not authorized" from an ACL; MQTT 3.1.1 has
+        no way to say so)."""
         if self._closed:
             raise NotConnectedError(f"publish {topic}: the transport is closed")
         if wait and not self.connected:
@@ -391,6 +408,10 @@ class MqttTransport:
                 raise PublishError(f"publish {topic}: {exc}") from None
             if not info.is_published():
                 raise PublishError(f"publish {topic}: no acknowledgement within {timeout:.1f}s")
+            with self._pub_lock:
+                refusal = self._pub_refusals.pop(info.mid, None)
+            if refusal is not None:
+                raise PublishError(f"publish {topic}: the broker refused it: {refusal.getName()}")
 
     # -- paho callbacks (network thread) ------------------------------------------------
     def _wrap(self, handler: Handler) -> Callable[[paho.Client, Any, paho.MQTTMessage], None]:
@@ -429,7 +450,9 @@ class MqttTransport:
     ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
-        self._connack.clear()
+        if was_connected:
+            # Not after a refused CONNACK: connect() may not have seen that event yet.
+            self._connack.clear()
         with self._lock:  # their SUBACKs will never come; on_connect re-subscribes
             pending, self._pending_subs = list(self._pending_subs.values()), {}
         for sub in pending:
@@ -439,6 +462,19 @@ class MqttTransport:
             if not self._closed:
                 log.warning("lost connection to %s: %s", self.settings.url, reason.getName())
             self._notify(False)
+
+    def _on_publish(
+        self, _client: paho.Client, _userdata: Any, mid: int, reason: ReasonCode, _props: Any
+    ) -> None:
+        # Runs before paho marks the message published, so a waiting publish() sees it.
+        # Every PUBACK overwrites its mid's entry: a stale refusal never outlives the mid.
+        with self._pub_lock:
+            if reason.is_failure:
+                self._pub_refusals[mid] = reason
+            else:
+                self._pub_refusals.pop(mid, None)
+        if reason.is_failure:
+            log.warning("broker refused publish (mid %d): %s", mid, reason.getName())
 
     def _on_subscribe(
         self, _client: paho.Client, _userdata: Any, mid: int, reasons: list[ReasonCode], _props: Any
