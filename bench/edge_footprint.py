@@ -26,10 +26,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "edge"))
-from _release_kit import build_model, sample_input, to_toml  # noqa: E402
-from edge_overhead import install  # noqa: E402
+from _release_kit import build_model, sample_input, to_toml
+from edge_overhead import install
 
-from fogline.protocol import free_port  # noqa: E402
+from fogline.protocol import free_port
 
 TARGET_RSS_MB = 80.0
 TARGET_COLD_S = 1.0
@@ -68,7 +68,16 @@ def run_agent(tmp: Path, http_on: bool) -> dict[str, float]:
     path.write_text(to_toml(config))
     exe = Path(sys.executable).with_name("fogline-edge")
     body = json.dumps(
-        {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": sample_input().ravel().tolist()}]}
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 1, 8, 8],
+                    "datatype": "FP32",
+                    "data": sample_input().ravel().tolist(),
+                }
+            ]
+        }
     ).encode()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
@@ -118,7 +127,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     data = build_model(seed=0)
-    rows: dict[str, list[dict[str, float]]] = {"baseline": [], "agent_http": [], "agent_no_http": []}
+    rows: dict[str, list[dict[str, float]]] = {
+        "baseline": [],
+        "agent_http": [],
+        "agent_no_http": [],
+    }
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         install(tmp, "cnn", data)
@@ -144,7 +157,9 @@ def main() -> None:
         "agent_cold_start_s": med("agent_http", "ready_s"),
         "agent_first_http_infer_s": med("agent_http", "served_s"),
         "agent_no_http_cold_start_s": med("agent_no_http", "ready_s"),
-        "cold_start_ratio_vs_baseline": round(med("agent_http", "served_s") / med("baseline", "ready_s"), 2),
+        "cold_start_ratio_vs_baseline": round(
+            med("agent_http", "served_s") / med("baseline", "ready_s"), 2
+        ),
         "target_cold_start_s": TARGET_COLD_S,
     }
     if args.json:

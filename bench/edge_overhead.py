@@ -25,10 +25,10 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "edge"))
-from _release_kit import build_model, sample_input  # noqa: E402
+from _release_kit import build_model, sample_input
 
-from fogline.edge import Agent, InstalledModel, ModelStore, load_config  # noqa: E402
-from fogline.protocol import free_port  # noqa: E402
+from fogline.edge import Agent, InstalledModel, ModelStore, load_config
+from fogline.protocol import free_port
 
 
 def install(data_dir: Path, name: str, data: bytes) -> None:
@@ -109,12 +109,26 @@ def main() -> None:
             # the server's delayed ACK add ~40 ms to every request (a client artefact).
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             body = json.dumps(
-                {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": x.ravel().tolist()}]}
+                {
+                    "inputs": [
+                        {
+                            "name": "input",
+                            "shape": [1, 1, 8, 8],
+                            "datatype": "FP32",
+                            "data": x.ravel().tolist(),
+                        }
+                    ]
+                }
             ).encode()
             http_t: list[float] = []
             for i in range(args.http_n + 100):
                 t0 = clock()
-                conn.request("POST", "/v2/models/cnn/infer", body=body, headers={"Content-Type": "application/json"})
+                conn.request(
+                    "POST",
+                    "/v2/models/cnn/infer",
+                    body=body,
+                    headers={"Content-Type": "application/json"},
+                )
                 resp = conn.getresponse()
                 resp.read()
                 if i >= 100:

@@ -151,7 +151,11 @@ def test_errors_keep_the_keep_alive_connection_usable(served: Agent) -> None:
     url = urlsplit(served.http_url)
     conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=10)
     try:
-        for body, status in [(b"{bad", 400), (_infer_body(name="x"), 400), (_infer_body(), 200)] * 3:
+        for body, status in [
+            (b"{bad", 400),
+            (_infer_body(name="x"), 400),
+            (_infer_body(), 200),
+        ] * 3:
             conn.request("POST", "/v2/models/digits/infer", body=body)
             resp = conn.getresponse()
             resp.read()
