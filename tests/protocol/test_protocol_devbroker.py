@@ -41,8 +41,9 @@ def port_is_closed(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
-def amqtt_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "fogline-amqtt" and t.is_alive()]
+def amqtt_threads() -> set[threading.Thread]:
+    """Embedded-broker threads alive now (the session's shared one may be among them)."""
+    return {t for t in threading.enumerate() if t.name == "fogline-amqtt" and t.is_alive()}
 
 
 def round_trip(url: str) -> None:
@@ -143,22 +144,24 @@ def test_prefer_mosquitto_skips_the_url(mosquitto: MosquittoBroker) -> None:
 
 
 def test_prefer_amqtt_starts_and_stops_the_embedded_broker(mosquitto: MosquittoBroker) -> None:
+    threads_before = amqtt_threads()
     before = mosquitto_children()
     with development_broker(mosquitto.url, prefer="amqtt") as info:
         assert info.kind == "amqtt"
         assert mosquitto_children() == before
-        assert len(amqtt_threads()) == 1
+        assert len(amqtt_threads() - threads_before) == 1
         assert broker_answers(info.host, info.port)
         round_trip(info.url)
     assert port_is_closed(info.port)
-    assert amqtt_threads() == []
+    assert amqtt_threads() == threads_before
 
 
 def test_prefer_amqtt_stops_when_the_body_raises() -> None:
+    threads_before = amqtt_threads()
     with pytest.raises(KeyError), development_broker(prefer="amqtt") as info:
         raise KeyError("boom")
     assert port_is_closed(info.port)
-    assert amqtt_threads() == []
+    assert amqtt_threads() == threads_before
 
 
 # -- the brokers themselves --------------------------------------------------------------
@@ -174,12 +177,12 @@ def test_broker_answers() -> None:
     assert not broker.workdir.exists()  # its own temp dir is removed
 
 
-def test_mosquitto_restart_keeps_the_port(tmp_path: pytest.TempPathFactory) -> None:
+def test_mosquitto_restart_keeps_the_port() -> None:
     with MosquittoBroker() as broker:
-        port, pid = broker.port, mosquitto_children()
+        port, pids = broker.port, mosquitto_children()
         broker.restart()
         assert broker.port == port and broker.running
-        assert mosquitto_children() != pid
+        assert mosquitto_children() != pids  # a new process
         assert broker_answers(broker.host, port)
         broker.kill()
         assert not broker.running and port_is_closed(port)
@@ -219,6 +222,7 @@ def test_missing_mosquitto_executable() -> None:
 
 
 def test_embedded_broker_start_stop_twice() -> None:
+    threads_before = amqtt_threads()
     broker = EmbeddedBroker()
     for _ in range(2):
         broker.start()
@@ -226,16 +230,17 @@ def test_embedded_broker_start_stop_twice() -> None:
         round_trip(broker.url)
         broker.stop()
         assert port_is_closed(broker.port)
-        assert amqtt_threads() == []
+        assert amqtt_threads() == threads_before
     broker.stop()  # idempotent
 
 
 def test_embedded_broker_on_a_port_already_taken(mosquitto: MosquittoBroker) -> None:
+    threads_before = amqtt_threads()
     broker = EmbeddedBroker(port=mosquitto.port)
     try:
         with pytest.raises(BrokerUnavailableError):
             broker.start(timeout=5)
     finally:
         broker.close()
-    assert amqtt_threads() == []
+    assert amqtt_threads() == threads_before
     assert mosquitto.running
