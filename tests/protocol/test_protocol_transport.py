@@ -620,6 +620,19 @@ def test_missing_ca_file_is_a_config_error(tmp_path: Path) -> None:
         MqttTransport(settings)
 
 
+def test_bad_client_certificate_settings_are_config_errors(tmp_path: Path) -> None:
+    ca, cert, key = write_tls_material(tmp_path)
+    url = "mqtts://127.0.0.1:8883"
+    for bad in [
+        {"tls_ca": ca, "tls_key": key},  # a key without its certificate
+        {"tls_ca": ca, "tls_cert": tmp_path / "absent.crt", "tls_key": key},
+        {"tls_ca": ca, "tls_cert": cert, "tls_key": ca},  # not the certificate's key
+        {"tls_ca": key},  # not a CA certificate
+    ]:
+        with pytest.raises(ConfigError, match="TLS"):
+            MqttTransport(MqttSettings(url=url, **bad))  # type: ignore[arg-type]
+
+
 # -- subscriptions made before connecting, and settings ------------------------------------
 
 

@@ -126,6 +126,40 @@ class _PendingSubscribe:
 ConnectionListener = Callable[[bool], None]
 
 
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """Closes itself when the handshake fails. paho wraps the socket and then calls
+    ``do_handshake()`` without closing it on failure (an untrusted or unreachable
+    server), leaving one open socket per retry for the garbage collector."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
+def _tls_context(settings: MqttSettings) -> ssl.SSLContext:
+    """What paho's ``tls_set`` builds (verified server certificate and host name, the
+    given CA or the system's), plus TLS 1.2 at least and the socket class above."""
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if settings.tls_ca is not None:
+            context.load_verify_locations(cafile=str(settings.tls_ca))
+        else:
+            context.load_default_certs()
+        if settings.tls_cert is not None:
+            keyfile = str(settings.tls_key) if settings.tls_key else None
+            context.load_cert_chain(str(settings.tls_cert), keyfile)
+        elif settings.tls_key is not None:
+            raise ValueError("tls_key needs tls_cert")
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"mqtt TLS settings: {exc}") from None
+    context.sslsocket_class = _ClosingSSLSocket
+    return context
+
+
 def _check_rc(rc: MQTTErrorCode | int, action: str) -> None:
     """Translate a paho return code into a Fogline error (one of two translation points)."""
     if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -226,15 +260,7 @@ class MqttTransport:
             password = settings.password.get_secret_value() if settings.password else None
             self._client.username_pw_set(settings.username, password)
         if settings.uses_tls:
-            try:
-                self._client.tls_set(
-                    ca_certs=str(settings.tls_ca) if settings.tls_ca else None,
-                    certfile=str(settings.tls_cert) if settings.tls_cert else None,
-                    keyfile=str(settings.tls_key) if settings.tls_key else None,
-                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
-                )
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                raise ConfigError(f"mqtt TLS settings: {exc}") from None
+            self._client.tls_set_context(_tls_context(settings))
         if will is not None:
             # paho accepts wildcards here; the broker would then drop the connection.
             if not will.topic or any(c in will.topic for c in "+#\x00"):
