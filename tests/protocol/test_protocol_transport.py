@@ -22,6 +22,7 @@ from fogline.protocol import (
     BrokerUnavailableError,
     ConfigError,
     EmbeddedBroker,
+    InvalidIdError,
     MosquittoBroker,
     MqttMessage,
     MqttSettings,
@@ -314,6 +315,22 @@ def test_publishing_to_a_wildcard_topic_is_refused(
     with pytest.raises(PublishError):
         client.publish(bad, b"x", qos=1)
     assert client.connected
+
+
+@pytest.mark.parametrize(
+    "client_id",
+    ["+", "#", "dev/1", "dev+1", "dev 1", "$SYS", "-dev", "x" * 129, "d\u00e9v", "a\x00"],
+)
+def test_unsafe_client_ids_are_refused(mqtt_settings: MqttSettings, client_id: str) -> None:
+    with pytest.raises(InvalidIdError):
+        MqttTransport(mqtt_settings, client_id=client_id)
+
+
+def test_safe_client_ids_connect(
+    mqtt_settings: MqttSettings, clients: Callable[..., MqttTransport]
+) -> None:
+    for client_id in ["fogline-edge-dev-1", "x" * 128, f"cloud:{uuid.uuid4().hex}", "0.a_b"]:
+        assert clients(mqtt_settings, client_id=client_id).client_id == client_id
 
 
 def test_a_will_on_a_wildcard_topic_is_a_config_error(mqtt_settings: MqttSettings) -> None:

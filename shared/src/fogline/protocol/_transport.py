@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import re
 import socket
 import ssl
 import threading
@@ -35,6 +36,7 @@ from ._errors import (
     BrokerUnavailableError,
     ConfigError,
     FoglineError,
+    InvalidIdError,
     NotConnectedError,
     PublishError,
     SubscribeError,
@@ -184,6 +186,20 @@ def _connack_error(reason: ReasonCode, url: str) -> FoglineError:
     return BrokerUnavailableError(f"broker {url} refused the connection: {name} ({reason.value})")
 
 
+_CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def _check_client_id(client_id: str) -> str:
+    """Client ids end up in broker ACL patterns (``%c``) and logs: a ``+``, ``#`` or
+    ``/`` in one once widened a Mosquitto pattern ACL, so allow a safe alphabet only."""
+    if not isinstance(client_id, str) or not _CLIENT_ID.fullmatch(client_id):
+        raise InvalidIdError(
+            f"mqtt client id {client_id!r} must be 1-128 letters, digits, '.', '_', ':' "
+            "or '-', starting with a letter or digit"
+        )
+    return client_id
+
+
 def _check_filter(topic_filter: str) -> None:
     """Raise SubscribeError unless ``topic_filter`` is a valid MQTT topic filter."""
     if not isinstance(topic_filter, str) or not topic_filter:
@@ -229,7 +245,7 @@ class MqttTransport:
         clean_session: bool = True,
     ) -> None:
         self.settings = settings
-        self.client_id = client_id or f"fogline-{uuid.uuid4().hex[:12]}"
+        self.client_id = _check_client_id(client_id or f"fogline-{uuid.uuid4().hex[:12]}")
         self.handler_errors = 0
         self._subscriptions: dict[str, tuple[int, Handler]] = {}
         self._lock = threading.Lock()
