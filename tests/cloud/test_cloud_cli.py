@@ -176,6 +176,8 @@ def test_cloud_serve_runs_until_sigterm(tmp_path: Path, broker_url: str) -> None
             str(tmp_path),
             "--broker",
             broker_url,
+            "--metrics-port",
+            "0",
             "--json",
         ],
         stdout=subprocess.PIPE,
@@ -186,7 +188,8 @@ def test_cloud_serve_runs_until_sigterm(tmp_path: Path, broker_url: str) -> None
     try:
         assert proc.stdout is not None
         started = json.loads(proc.stdout.readline())
-        assert started["event"] == "serving" and started["services"] == ["ArtifactService"]
+        assert started["event"] == "serving"
+        assert started["services"] == ["ArtifactService", "FleetMonitor"]
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
@@ -226,6 +229,8 @@ def test_cloud_serve_dev_broker_starts_one_on_the_configured_port(tmp_path: Path
             str(tmp_path),
             "--broker",
             url,
+            "--metrics-port",
+            "0",
             "--json",
         ],
         stdout=subprocess.PIPE,

@@ -6,7 +6,13 @@ import them when called.
 """
 
 from ._artifacts import ArtifactService
-from ._config import DEFAULT_DEVICE_CLASSES, CloudSettings, DeviceClass, load_settings
+from ._config import (
+    DEFAULT_DEVICE_CLASSES,
+    CloudSettings,
+    DeviceClass,
+    ServeConfig,
+    load_settings,
+)
 from ._gate import BASELINE, GateDecision, VariantMeasurement, choose_variants
 from ._manifest import build_desired, build_manifest, parse_scope
 from ._pipeline import PipelineResult, import_model, run_pipeline
@@ -27,6 +33,7 @@ __all__ = [
     "PipelineResult",
     "PublishResult",
     "Registry",
+    "ServeConfig",
     "VariantMeasurement",
     "VariantRecord",
     "build_desired",

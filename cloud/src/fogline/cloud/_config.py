@@ -15,7 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fogline.protocol import DEFAULT_PREFIX, MAX_CHUNK_SIZE, ConfigError, Identifier, Topics
 
-__all__ = ["DEFAULT_DEVICE_CLASSES", "CloudSettings", "DeviceClass", "load_settings"]
+__all__ = [
+    "DEFAULT_DEVICE_CLASSES",
+    "CloudSettings",
+    "DeviceClass",
+    "ServeConfig",
+    "load_settings",
+]
 
 DEFAULT_DATA_DIR = Path("./var/fogline")
 DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
@@ -43,6 +49,25 @@ DEFAULT_DEVICE_CLASSES: tuple[DeviceClass, ...] = (
 )
 
 
+class ServeConfig(BaseModel):
+    """What ``fogline cloud serve`` runs besides the artifact service (``[cloud.serve]``).
+
+    ``models`` are ``NAME`` (newest published version, followed as new ones are
+    published) or ``NAME:VERSION`` (pinned). ``deployment`` holds Ray Serve options for
+    every served model (``num_replicas``, ``autoscaling``, ``num_cpus``...), checked when
+    the models are deployed. ``metrics_port`` 0 turns the fleet web server off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] = Field(default_factory=list)
+    share_group: Identifier | None = None
+    fleet: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9464
+    follow_releases: bool = True
+    deployment: dict[str, Any] = Field(default_factory=dict)
+
+
 class CloudSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -57,6 +82,7 @@ class CloudSettings(BaseModel):
     release_ttl_days: Annotated[float, Field(gt=0, le=3650)] = 90.0
     artifact_workers: Annotated[int, Field(ge=1, le=64)] = 4
     artifact_share_group: Identifier | None = None
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @field_validator("device_classes")
     @classmethod

@@ -1,7 +1,9 @@
 """``fogline cloud serve``: the long-running cloud services, until SIGINT or SIGTERM.
 
-Services are objects with ``start()`` and ``close()``; they start in order and close in
-reverse order. Add new long-running services to :func:`build_services`.
+The services themselves, their order and their shutdown live in
+:func:`fogline.cloud.serving.start_cloud_services` (also used in-process, e.g. by the
+demo); this module adds the broker, the signals and the output. It imports the serving
+package (and so Ray) only when the command runs, so other commands stay quick.
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import tomllib
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
-from typing import Annotated, Protocol
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -20,14 +24,12 @@ from fogline.protocol import (
     EmbeddedBroker,
     MosquittoBroker,
     MqttSettings,
-    MqttTransport,
     broker_answers,
     development_broker,
 )
 
-from .._artifacts import ArtifactService
 from .._config import CloudSettings
-from .._registry import Registry
+from ..fleet import FleetSettings, load_fleet_settings
 from ._common import (
     AsJson,
     BrokerUrl,
@@ -41,27 +43,27 @@ from ._common import (
     stdout,
 )
 
-__all__ = ["Service", "app", "build_services"]
+if TYPE_CHECKING:
+    from ..serving import CloudServices
+
+__all__ = ["app", "fleet_settings_for"]
 
 app = typer.Typer(name="cloud", help="Run the cloud services.", no_args_is_help=True)
 
 
-class Service(Protocol):
-    def start(self) -> None: ...
-    def close(self) -> None: ...
-
-
-def build_services(settings: CloudSettings, transport: MqttTransport) -> list[Service]:
-    registry = Registry(settings.data_dir)
-    return [
-        ArtifactService(
-            transport,
-            registry.store,
-            topics=settings.topics,
-            share_group=settings.artifact_share_group,
-            workers=settings.artifact_workers,
-        )
-    ]
+def fleet_settings_for(settings: CloudSettings, config: Path | None) -> FleetSettings:
+    """The fleet monitor's tuning: the config file's ``[fleet]`` table (if it has one),
+    ``FOGLINE_FLEET_*``; the data dir is always the cloud's."""
+    path = config if config is not None else settings.data_dir / "cloud.toml"
+    has_fleet_table = False
+    if path.is_file():
+        try:
+            has_fleet_table = isinstance(tomllib.loads(path.read_text()).get("fleet"), dict)
+        except (OSError, tomllib.TOMLDecodeError):
+            has_fleet_table = False  # load_settings already reported a bad file
+    return load_fleet_settings(
+        path if has_fleet_table else None, overrides={"data_dir": str(settings.data_dir)}
+    )
 
 
 @contextlib.contextmanager
@@ -108,42 +110,92 @@ def _stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(s, h)
 
 
+def _describe(services: CloudServices, broker: str) -> dict[str, Any]:
+    return {
+        "broker": broker,
+        "services": services.names,
+        "models": services.served_versions(),
+        "metrics_url": services.metrics_url,
+    }
+
+
 @app.command("serve")
 def serve(
+    serve_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--serve-model",
+            help="Serve NAME (newest published, followed) or NAME:VERSION on Ray Serve. "
+            "Repeatable. Default: [cloud.serve] models.",
+        ),
+    ] = None,
+    share_group: Annotated[
+        str | None,
+        typer.Option(
+            "--share-group",
+            help="Run as one replica of this group (artifacts, inference, fleet ingest).",
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port", min=0, max=65535,
+            help="Fleet metrics and web page port; 0 turns it off. [default: 9464]",
+        ),
+    ] = None,
+    no_fleet: Annotated[
+        bool, typer.Option("--no-fleet", help="Do not run the fleet monitor here.")
+    ] = False,
+    no_follow: Annotated[
+        bool,
+        typer.Option("--no-follow", help="Keep serving the versions started with."),
+    ] = False,
     dev_broker: Annotated[
         bool,
         typer.Option("--dev-broker", help="Start a development broker if none answers."),
     ] = False,
-    share_group: Annotated[
-        str | None,
-        typer.Option("--share-group", help="Serve artifacts as a replica of this shared group."),
-    ] = None,
     broker: BrokerUrl = None,
     data_dir: DataDir = None,
     config: ConfigFile = None,
     as_json: AsJson = False,
 ) -> None:
-    """Run the artifact service (and the other cloud services) until stopped."""
+    """Run the artifact service, cloud inference and the fleet monitor until stopped."""
     setup_logging(verbose=not as_json)
     with cli_errors(as_json), contextlib.ExitStack() as stack:
         settings = settings_from(config, data_dir, broker)
-        if share_group is not None:
-            settings = settings.model_copy(update={"artifact_share_group": share_group})
+        fleet_settings = None if no_fleet else fleet_settings_for(settings, config)
+        from ..serving import start_cloud_services  # imports Ray: only when serving
+
         if dev_broker:
             url = stack.enter_context(_dev_broker(settings.broker_url))
             settings = settings.model_copy(update={"broker_url": url})
         stop = stack.enter_context(_stop_on_signals())
         transport = connect(settings)
         stack.callback(transport.close)
-        services = build_services(settings, transport)
-        for service in services:
-            service.start()
-            stack.callback(service.close)
-        names = [type(s).__name__ for s in services]
+        services = start_cloud_services(
+            settings,
+            transport,
+            serve_models=serve_model or None,
+            fleet=False if no_fleet else None,
+            metrics_port=metrics_port,
+            share_group=share_group,
+            follow_releases=False if no_follow else None,
+            fleet_settings=fleet_settings,
+        )
+        stack.callback(services.close)
+        info = _describe(services, settings.broker_url)
         if as_json:
-            emit_json({"event": "serving", "broker": settings.broker_url, "services": names})
+            emit_json({"event": "serving", **info})
         else:
-            stdout.print(f"serving {', '.join(names)} on {settings.broker_url} (Ctrl-C stops)")
+            models = ", ".join(f"{m} v{v}" for m, v in info["models"].items()) or "none"
+            stdout.print(
+                f"serving {', '.join(info['services'])} on {settings.broker_url}; "
+                f"models: {models}"
+                + (f"; metrics {info['metrics_url']}" if info["metrics_url"] else "")
+                + " (Ctrl-C stops)"
+            )
         stop.wait()
         if as_json:
-            emit_json({"event": "stopped"})
+            emit_json({"event": "stopping"})
+    if as_json:
+        emit_json({"event": "stopped"})

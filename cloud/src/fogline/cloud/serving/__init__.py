@@ -1,6 +1,8 @@
-"""Cloud inference: ONNX models on Ray Serve, behind an MQTT bridge.
+"""Cloud inference: ONNX models on Ray Serve, behind an MQTT bridge; and
+:func:`start_cloud_services`, every long-running cloud service in one process.
 
-Only ``_deployment`` imports Ray; importing this package does not start it.
+Only ``_deployment`` and ``_ray_session`` import Ray; importing this package does not
+start it.
 """
 
 from ._bridge import PROBE_INPUT, BridgeStats, InferenceBridge, ServedModel, ServeHandle
@@ -12,24 +14,46 @@ from ._deployment import (
     shutdown_serving,
     undeploy,
 )
+from ._follow import ReleaseFollower
+from ._from_registry import (
+    SERVED_VARIANT,
+    deploy_record,
+    parse_served_refs,
+    resolve_served,
+    serve_models,
+    serving_settings_for,
+)
+from ._ray_session import RaySession
 from ._runner import InputSpec, OnnxRunner
+from ._services import CloudServices, Service, start_cloud_services
 from ._settings import AutoscalingSettings, ServingSettings, parse_serving_settings
 
 __all__ = [
     "PROBE_INPUT",
+    "SERVED_VARIANT",
     "AutoscalingSettings",
     "BridgeStats",
+    "CloudServices",
     "DeployedModel",
     "InferenceBridge",
     "InputSpec",
     "OnnxModelDeployment",
     "OnnxRunner",
+    "RaySession",
+    "ReleaseFollower",
     "ServeHandle",
     "ServedModel",
+    "Service",
     "ServingSettings",
     "deploy_model",
+    "deploy_record",
     "ensure_ray",
+    "parse_served_refs",
     "parse_serving_settings",
+    "resolve_served",
+    "serve_models",
+    "serving_settings_for",
     "shutdown_serving",
+    "start_cloud_services",
     "undeploy",
 ]
