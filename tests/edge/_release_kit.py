@@ -376,7 +376,7 @@ def spawn_agent(
     proc = subprocess.Popen(
         [str(exe), "run", "--config", str(path), "--json"],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=path.with_suffix(".log").open("ab"),  # the agent's log, for post-mortems
         start_new_session=True,
     )
     processes.append(proc)

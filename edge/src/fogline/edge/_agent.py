@@ -478,6 +478,9 @@ class Agent:
     def _write_status(self) -> None:
         try:
             data = self.status().model_dump(mode="json")
-            atomic_write(self.config.data_dir / STATUS_FILE, json.dumps(data, indent=1).encode())
+            # Informational and rewritten every heartbeat: no fsync (fleets of agents
+            # share one disk).
+            path = self.config.data_dir / STATUS_FILE
+            atomic_write(path, json.dumps(data, indent=1).encode(), durable=False)
         except (OSError, FoglineError) as exc:
             log.warning("could not write the status file: %s", exc)

@@ -182,8 +182,12 @@ class ReleaseManager:
 
     # -- desired state (network thread) ------------------------------------------------------
     def _on_desired(self, msg: MqttMessage, scope_key: str) -> None:
-        if not msg.payload:
-            return  # a cleared retained message
+        if not msg.payload:  # the retained desired state of this scope was cleared
+            with self._lock:
+                cleared = self._desired.pop(scope_key, None)
+            for model in cleared.models if cleared is not None else ():
+                self._jobs.put(model)
+            return
         try:
             signed = decode(msg.payload, SignedDesiredState)
         except DecodeError as exc:

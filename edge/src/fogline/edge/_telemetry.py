@@ -34,6 +34,7 @@ log = logging.getLogger("fogline.edge.telemetry")
 
 AGENT_VERSION = "0.1.0"
 _FLUSH_ACK_TIMEOUT_S = 5.0
+_STOP_FLUSH_S = 2.0
 
 
 def offline_will(
@@ -162,6 +163,13 @@ class Telemetry:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._transport.connected:
+            # What is queued (e.g. the stop event, queued behind a flush in progress)
+            # goes out now, briefly; whatever cannot stays on disk for the next start.
+            try:
+                self._flush(time.monotonic() + _STOP_FLUSH_S)
+            except FoglineError as exc:
+                log.warning("telemetry left queued on disk at stop: %s", exc)
         if publish_offline and self._transport.connected:
             try:
                 self._transport.publish(
@@ -257,6 +265,20 @@ class Telemetry:
             self._wake.wait(max(0.0, next_beat - time.monotonic()))
             self._wake.clear()
 
+    def _flush(self, deadline: float | None) -> None:
+        """Send queued rows in order, each acknowledged before it leaves the disk."""
+        while deadline is not None or not self._stop.is_set():
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            rows = self.outbox.peek()
+            if not rows:
+                return
+            for row_id, topic, payload in rows:
+                self._transport.publish(
+                    topic, payload, qos=1, wait=True, timeout=_FLUSH_ACK_TIMEOUT_S
+                )
+                self.outbox.remove(row_id)
+
     def _announce_and_flush(self) -> None:
         try:
             self._transport.publish(
@@ -265,15 +287,7 @@ class Telemetry:
                 qos=1,
                 retain=True,
             )
-            while not self._stop.is_set():
-                rows = self.outbox.peek()
-                if not rows:
-                    break
-                for row_id, topic, payload in rows:
-                    self._transport.publish(
-                        topic, payload, qos=1, wait=True, timeout=_FLUSH_ACK_TIMEOUT_S
-                    )
-                    self.outbox.remove(row_id)
+            self._flush(None)
             with self._send_lock:
                 if len(self.outbox) == 0:
                     self._connect_pending = False
