@@ -65,6 +65,7 @@ from ._messages import (
     SignedRelease,
     TensorSpec,
 )
+from ._mqtt_settings import MqttSettings, Will
 from ._signing import (
     PublicKey,
     SigningKey,
@@ -76,7 +77,7 @@ from ._signing import (
 )
 from ._tensors import DTYPES, MAX_TENSOR_BYTES, MAX_TENSOR_ELEMENTS, DType, Tensor
 from ._topics import DEFAULT_PREFIX, ParsedTopic, Topics
-from ._transport import MqttMessage, MqttSettings, MqttTransport, Will
+from ._transport import MqttMessage, MqttTransport
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD",

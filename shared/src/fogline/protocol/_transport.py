@@ -16,95 +16,31 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import re
 import socket
-import ssl
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from ._errors import (
     BrokerUnavailableError,
     ConfigError,
     FoglineError,
-    InvalidIdError,
     NotConnectedError,
     PublishError,
     SubscribeError,
     TransportError,
 )
+from ._mqtt_settings import MqttSettings, Will, check_client_id, tls_context
 
 __all__ = ["Handler", "MqttMessage", "MqttSettings", "MqttTransport", "Will"]
 
 log = logging.getLogger("fogline.transport")
-
-
-class MqttSettings(BaseModel):
-    """How to reach the broker. ``url`` is ``mqtt://host:port`` or ``mqtts://host:port``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    url: str = "mqtt://127.0.0.1:1883"
-    username: str | None = None
-    password: SecretStr | None = None
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    protocol: Literal["3.1.1", "5"] = "3.1.1"
-    keepalive_s: int = Field(default=30, ge=5, le=3600)
-    reconnect_min_s: float = Field(default=0.5, gt=0, le=60)
-    reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)
-    max_inflight: int = Field(default=100, ge=1, le=65535)
-
-    @model_validator(mode="after")
-    def _check_backoff(self) -> MqttSettings:
-        if self.reconnect_min_s > self.reconnect_max_s:
-            raise ValueError("reconnect_min_s must not exceed reconnect_max_s")
-        return self
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
-            raise ValueError("must look like mqtt://host:port or mqtts://host:port")
-        try:
-            _ = parts.port
-        except ValueError:
-            raise ValueError("has an invalid port") from None
-        return value
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).hostname or "127.0.0.1"
-
-    @property
-    def port(self) -> int:
-        parts = urlsplit(self.url)
-        return parts.port or (8883 if parts.scheme in ("mqtts", "ssl") else 1883)
-
-    @property
-    def uses_tls(self) -> bool:
-        return urlsplit(self.url).scheme in ("mqtts", "ssl") or self.tls_ca is not None
-
-
-@dataclass(frozen=True)
-class Will:
-    """The last will the broker publishes if this client dies without a clean close."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
 
 
 @dataclass(frozen=True)
@@ -125,41 +61,9 @@ class _PendingSubscribe:
     filters: list[str]
     done: threading.Event
     refused: list[str]
+
+
 ConnectionListener = Callable[[bool], None]
-
-
-class _ClosingSSLSocket(ssl.SSLSocket):
-    """Closes itself when the handshake fails. paho wraps the socket and then calls
-    ``do_handshake()`` without closing it on failure (an untrusted or unreachable
-    server), leaving one open socket per retry for the garbage collector."""
-
-    def do_handshake(self, block: bool = False) -> None:
-        try:
-            super().do_handshake(block)
-        except BaseException:
-            self.close()
-            raise
-
-
-def _tls_context(settings: MqttSettings) -> ssl.SSLContext:
-    """What paho's ``tls_set`` builds (verified server certificate and host name, the
-    given CA or the system's), plus TLS 1.2 at least and the socket class above."""
-    try:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if settings.tls_ca is not None:
-            context.load_verify_locations(cafile=str(settings.tls_ca))
-        else:
-            context.load_default_certs()
-        if settings.tls_cert is not None:
-            keyfile = str(settings.tls_key) if settings.tls_key else None
-            context.load_cert_chain(str(settings.tls_cert), keyfile)
-        elif settings.tls_key is not None:
-            raise ValueError("tls_key needs tls_cert")
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        raise ConfigError(f"mqtt TLS settings: {exc}") from None
-    context.sslsocket_class = _ClosingSSLSocket
-    return context
 
 
 def _check_rc(rc: MQTTErrorCode | int, action: str) -> None:
@@ -184,20 +88,6 @@ def _connack_error(reason: ReasonCode, url: str) -> FoglineError:
     if name in ("Bad user name or password", "Not authorized"):
         return BrokerUnavailableError(f"broker {url} refused the connection: {name}")
     return BrokerUnavailableError(f"broker {url} refused the connection: {name} ({reason.value})")
-
-
-_CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-
-
-def _check_client_id(client_id: str) -> str:
-    """Client ids end up in broker ACL patterns (``%c``) and logs: a ``+``, ``#`` or
-    ``/`` in one once widened a Mosquitto pattern ACL, so allow a safe alphabet only."""
-    if not isinstance(client_id, str) or not _CLIENT_ID.fullmatch(client_id):
-        raise InvalidIdError(
-            f"mqtt client id {client_id!r} must be 1-128 letters, digits, '.', '_', ':' "
-            "or '-', starting with a letter or digit"
-        )
-    return client_id
 
 
 def _check_filter(topic_filter: str) -> None:
@@ -245,7 +135,7 @@ class MqttTransport:
         clean_session: bool = True,
     ) -> None:
         self.settings = settings
-        self.client_id = _check_client_id(client_id or f"fogline-{uuid.uuid4().hex[:12]}")
+        self.client_id = check_client_id(client_id or f"fogline-{uuid.uuid4().hex[:12]}")
         self.handler_errors = 0
         self._subscriptions: dict[str, tuple[int, Handler]] = {}
         self._lock = threading.Lock()
@@ -276,7 +166,7 @@ class MqttTransport:
             password = settings.password.get_secret_value() if settings.password else None
             self._client.username_pw_set(settings.username, password)
         if settings.uses_tls:
-            self._client.tls_set_context(_tls_context(settings))
+            self._client.tls_set_context(tls_context(settings))
         if will is not None:
             # paho accepts wildcards here; the broker would then drop the connection.
             if not will.topic or any(c in will.topic for c in "+#\x00"):
