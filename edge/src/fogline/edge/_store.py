@@ -19,7 +19,7 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from fogline.protocol import ArtifactError, TensorSpec
 
@@ -91,6 +91,8 @@ class PartialArtifact:
         self.record = directory / f"{sha256}.chunks"
         self._meta = directory / f"{sha256}.meta"
         self.done: set[int] = set()
+        self._fd = -1
+        self._rec: TextIO | None = None
         self._open(directory)
 
     def _open(self, directory: Path) -> None:
@@ -123,6 +125,8 @@ class PartialArtifact:
         offset, length = self.span(index)
         if len(data) != length:
             raise ArtifactError(f"chunk {index} is {len(data)} bytes; expected {length}")
+        if self._rec is None or self._fd < 0:
+            raise ArtifactError(f"partial artifact {self.sha256[:12]} is closed")
         os.pwrite(self._fd, data, offset)
         os.fdatasync(self._fd)
         self._rec.write(f"{index}\n")
@@ -131,15 +135,20 @@ class PartialArtifact:
         self.done.add(index)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-        with contextlib.suppress(OSError):
-            self._rec.close()
+        """Idempotent: a second close must never hit a descriptor number that another
+        agent in the same process has been given since."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        rec, self._rec = self._rec, None
+        if rec is not None:
+            with contextlib.suppress(OSError):
+                rec.close()
 
     def discard(self) -> None:
         """Forget every chunk (e.g. after a whole-file hash mismatch)."""
-        if hasattr(self, "_fd"):
-            self.close()
+        self.close()
         for p in (self.path, self.record, self._meta):
             p.unlink(missing_ok=True)
         self.done.clear()
