@@ -11,24 +11,22 @@ It always stops what it started, even when the body raises.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import pwd
-import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
+from ._embedded_broker import EmbeddedBroker
 from ._errors import BrokerUnavailableError
+from ._probes import broker_answers, free_port, port_is_free, wait_until_answers
 
 __all__ = [
     "BrokerInfo",
@@ -50,64 +48,6 @@ class BrokerInfo:
     host: str
     port: int
     kind: BrokerKind
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def broker_answers(host: str, port: int, timeout: float = 1.0) -> bool:
-    """True if an MQTT broker answers a CONNECT at host:port with a CONNACK.
-
-    A refusal (e.g. "not authorized" from a broker that requires a password) still
-    counts: a broker is there, and credentials are the real client's business.
-    """
-    # A random client id: a fixed one would kick out a concurrent probe (MQTT takeover).
-    client_id = f"fogline-probe-{secrets.token_hex(6)}".encode()
-    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(client_id).to_bytes(2, "big") + client_id
-    connect = bytes([0x10, len(body)]) + body  # 3.1.1, clean session; body < 128 bytes
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.settimeout(timeout)
-            sock.sendall(connect)
-            reply = b""
-            while len(reply) < 4:
-                part = sock.recv(4 - len(reply))
-                if not part:
-                    return False
-                reply += part
-            if reply[:2] != b"\x20\x02":
-                return False
-            if reply[3] == 0:
-                sock.sendall(b"\xe0\x00")  # DISCONNECT, so no will and no error logged
-            return True
-    except OSError:
-        return False
-
-
-def _port_is_free(host: str, port: int) -> bool:
-    """True if we could listen on host:port (SO_REUSEADDR, as brokers use: a port in
-    TIME_WAIT after a restart counts as free)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _wait_until_answers(
-    host: str, port: int, timeout: float, alive: Callable[[], bool] = lambda: True
-) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and alive():
-        if broker_answers(host, port, timeout=0.5):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 class MosquittoBroker:
@@ -178,7 +118,7 @@ class MosquittoBroker:
     def start(self, timeout: float = 10.0) -> None:
         if self._process is not None and self._process.poll() is None:
             return
-        if not _port_is_free(self.host, self.port):
+        if not port_is_free(self.host, self.port):
             # Checked first: a broker already there would answer the readiness probe
             # before our process has even noticed that it cannot bind.
             raise BrokerUnavailableError(f"mosquitto cannot listen on port {self.port}: in use")
@@ -193,7 +133,7 @@ class MosquittoBroker:
         except OSError as exc:
             raise BrokerUnavailableError(f"cannot run {self.executable}: {exc}") from None
         proc = self._process
-        answered = _wait_until_answers(
+        answered = wait_until_answers(
             self.host, self.port, timeout, alive=lambda: proc.poll() is None
         )
         # Something else may hold the port and answer for us: ours must still be alive.
@@ -246,145 +186,6 @@ class MosquittoBroker:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> MosquittoBroker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-async def _shutdown_amqtt(broker: Any, timeout: float) -> None:
-    """Shut amqtt down without leaving its port bound.
-
-    amqtt's ``shutdown()`` first stops each client session, and that can wait forever
-    for a reader that never reports stopping; only then does it close its listeners.
-    So: close the listeners (the port is free whatever happens next), close each
-    client's connection (the readers then stop), and only then call ``shutdown()``.
-    The first two use amqtt internals, hence the getattr guards.
-    """
-    for server in list(getattr(broker, "_servers", {}).values()):
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(server.close_instance(), timeout)
-    for _session, handler in list(getattr(broker, "_sessions", {}).values()):
-        writer = getattr(handler, "writer", None)
-        if writer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.close(), timeout)
-    try:
-        await asyncio.wait_for(broker.shutdown(), timeout)
-    except Exception:
-        log.debug("embedded broker: shutdown did not finish cleanly", exc_info=True)
-
-
-def _drain_and_close(loop: asyncio.AbstractEventLoop) -> None:
-    """Cancel what amqtt left running, let it unwind, then close the loop; closing
-    with tasks pending leaves half-run coroutines that warn when collected."""
-    try:
-        tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-        # Connections amqtt still holds (e.g. one accepted mid-shutdown): close them
-        # rather than leave the sockets to the garbage collector. ``_transports`` is
-        # the selector loop's own registry; other loops simply have none.
-        transports = list(getattr(loop, "_transports", {}).values())
-        for transport in transports:
-            if transport is not None and not transport.is_closing():
-                transport.close()
-        if transports:
-            loop.run_until_complete(asyncio.sleep(0))  # run their close callbacks
-        loop.run_until_complete(loop.shutdown_asyncgens())
-    except Exception:
-        log.debug("embedded broker: error while draining its event loop", exc_info=True)
-    finally:
-        loop.close()
-
-
-class EmbeddedBroker:
-    """The amqtt broker (MQTT 3.1.1) on its own event loop in a daemon thread."""
-
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.host = "127.0.0.1"
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._broker: Any = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> None:
-        try:
-            from amqtt.broker import Broker
-        except ImportError:
-            raise BrokerUnavailableError(
-                "the embedded broker needs amqtt: pip install 'fogline-protocol[devbroker]'"
-            ) from None
-        # Only the anonymous-auth plugin: amqtt's defaults add packet logging and a
-        # $SYS publisher, and its older "auth"/"topic-check" sections are deprecated.
-        config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            "plugins": {
-                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
-            },
-        }
-        self._loop = asyncio.new_event_loop()
-        started = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            loop = self._loop
-            assert loop is not None
-            asyncio.set_event_loop(loop)
-            try:
-                try:
-                    broker = Broker(config, loop=loop)
-                    loop.run_until_complete(broker.start())
-                    self._broker = broker  # only a started broker is shut down later
-                except BaseException as exc:
-                    errors.append(exc)
-                    return
-                finally:
-                    started.set()
-                loop.run_forever()
-            finally:
-                _drain_and_close(loop)
-
-        self._thread = threading.Thread(target=run, name="fogline-amqtt", daemon=True)
-        self._thread.start()
-        started.wait(timeout)
-        if errors:
-            # The thread ends by itself, draining and closing its loop: let it finish
-            # before stop() looks at that loop.
-            self._thread.join(timeout)
-        if errors or not _wait_until_answers(self.host, self.port, timeout):
-            self.stop()
-            raise BrokerUnavailableError(f"embedded broker did not start: {errors[:1]}")
-
-    def stop(self, timeout: float = 5.0) -> None:
-        loop, broker, thread = self._loop, self._broker, self._thread
-        if loop is None:
-            return
-        self._loop, self._broker, self._thread = None, None, None
-        alive = thread is not None and thread.is_alive()
-        if alive and broker is not None and loop.is_running():
-            future = asyncio.run_coroutine_threadsafe(_shutdown_amqtt(broker, timeout), loop)
-            with contextlib.suppress(Exception):
-                future.result(timeout * 3)
-        if alive:
-            with contextlib.suppress(RuntimeError):  # the loop closed in the meantime
-                loop.call_soon_threadsafe(loop.stop)
-            assert thread is not None
-            thread.join(timeout)  # the thread drains and closes its loop
-        elif not loop.is_closed():
-            loop.close()
-
-    def close(self) -> None:
-        self.stop()
-
-    def __enter__(self) -> EmbeddedBroker:
         self.start()
         return self
 
