@@ -210,3 +210,29 @@ def test_desired_state_pins_versions_and_signed_rollback(
     )
     obs.wait_event(kind="desired_rejected", reason="wrong_target")
     assert _serving(agent) == 1
+
+
+def test_missing_artifact_and_garbage_desired_state_are_reported(
+    kit: ReleaseKit,
+    artifact_server: ArtifactServer,
+    agent_factory: Callable[..., Agent],
+    observer_factory: Callable[..., Observer],
+) -> None:
+    obs = observer_factory()
+    agent = agent_factory(
+        delivery={"chunk_timeout_s": 1.0, "chunk_retries": 2, "window": 2, "retry_after_s": 1.0}
+    )
+    _install(kit, artifact_server, 1, seed=1)
+    assert agent.wait_for_version("digits", 1, timeout=20)
+    pub = artifact_server._transport
+    # A valid release whose artifact the service does not have: ErrorReply, retries, event.
+    data = build_model(seed=2)
+    publish(pub, kit.topics.release("digits", 2), kit.release("digits", 2, data))
+    event = obs.wait_event(kind="install_failed", version=2, reason="download_failed", timeout=30)
+    assert "artifact service answered" in event.detail
+    pub.publish(kit.topics.fleet_desired(), b"\x00garbage", qos=1, retain=True, wait=True)
+    obs.wait_event(kind="desired_rejected", reason="malformed")
+    assert _serving(agent) == 1
+    # Once the artifact exists, the backed-off retry fetches and installs it.
+    artifact_server.add(data)
+    assert agent.wait_for_version("digits", 2, timeout=30)

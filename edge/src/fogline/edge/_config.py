@@ -77,6 +77,9 @@ class DeliveryConfig(_Section):
     window: int = Field(default=4, ge=1, le=64)
     chunk_timeout_s: float = Field(default=5.0, gt=0, le=600)
     chunk_retries: int = Field(default=5, ge=0, le=1000)
+    # A failed download is tried again after this, doubling per failure (max 10 min),
+    # and at once after every reconnect.
+    retry_after_s: float = Field(default=30.0, gt=0, le=86_400)
 
 
 class RoutingConfig(_Section):

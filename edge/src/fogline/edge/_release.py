@@ -22,6 +22,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -61,6 +62,7 @@ Loader = Callable[
     [str, int, str, Path, Sequence[TensorSpec] | None, Sequence[TensorSpec] | None], LoadedModel
 ]
 _RETRYABLE = frozenset({"download_failed"})
+_MAX_RETRY_S = 600.0
 _HASH_BLOCK = 1 << 20
 
 
@@ -107,6 +109,8 @@ class ReleaseManager:
         self._releases: dict[str, dict[int, ReleaseManifest]] = {}
         self._seen: set[tuple[str, int, bytes]] = set()
         self._failed: dict[tuple[str, int, str], str] = {}  # -> reason
+        self._retry_at: dict[tuple[str, int, str], float] = {}  # retryable failures
+        self._attempts: dict[tuple[str, int, str], int] = {}
         self._rollback_reported: set[tuple[str, int]] = set()
         self._subscribed: set[str] = set()
         self._jobs: queue.Queue[str | None] = queue.Queue()
@@ -311,7 +315,13 @@ class ReleaseManager:
     # -- worker thread -----------------------------------------------------------------------
     def _work(self) -> None:
         while not self._stop.is_set():
-            model = self._jobs.get()
+            due = min(self._retry_at.values(), default=None)
+            timeout = None if due is None else max(0.0, due - time.monotonic())
+            try:
+                model = self._jobs.get(timeout=timeout)
+            except queue.Empty:
+                self._retry_due()
+                continue
             if model is None:
                 break
             try:
@@ -320,6 +330,14 @@ class ReleaseManager:
                 break
             except Exception:
                 log.exception("delivery of %s failed unexpectedly", model)
+
+    def _retry_due(self) -> None:
+        """Failed downloads get another chance after a backoff (doubling, capped)."""
+        now = time.monotonic()
+        for key in [k for k, at in self._retry_at.items() if at <= now]:
+            del self._retry_at[key]
+            self._failed.pop(key, None)
+            self._jobs.put(key[0])
 
     def _target(self, model: str) -> tuple[ReleaseManifest, bool] | None:
         """The release this agent should run now, if any, and whether it is a rollback."""
@@ -361,6 +379,11 @@ class ReleaseManager:
             self._install(manifest, rollback)
         except ReleaseRejectedError as exc:
             self._failed[key] = exc.reason
+            if exc.reason in _RETRYABLE:
+                attempt = self._attempts.get(key, 0)
+                self._attempts[key] = attempt + 1
+                delay = min(self._config.delivery.retry_after_s * 2**attempt, _MAX_RETRY_S)
+                self._retry_at[key] = time.monotonic() + delay
             kind: EventKind = "release_rejected" if exc.reason == "expired" else "install_failed"
             log.warning("install of %s v%d failed: %s", model, manifest.version, exc.message)
             self._telemetry.event(
