@@ -95,19 +95,37 @@ def _dev_broker(url: str) -> Iterator[str]:
         yield info.url
 
 
+class _SignalStop:
+    """SIGINT and SIGTERM set :attr:`event`. :meth:`install` again after ``ray.init``,
+    which puts its own SIGTERM handler (``sys.exit``) in place; :meth:`restore` puts
+    back the handlers found first."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.event.set()
+
+    def install(self) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.signal(s, self._handler)
+            self._previous.setdefault(s, previous)
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
-    stop = threading.Event()
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+def _stop_on_signals() -> Iterator[_SignalStop]:
+    stop = _SignalStop()
+    stop.install()
     try:
         yield stop
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        stop.restore()
 
 
 def _describe(services: CloudServices, broker: str) -> dict[str, Any]:
@@ -164,7 +182,9 @@ def serve(
     with cli_errors(as_json), contextlib.ExitStack() as stack:
         settings = settings_from(config, data_dir, broker)
         fleet_settings = None if no_fleet else fleet_settings_for(settings, config)
-        from ..serving import start_cloud_services  # imports Ray: only when serving
+        from ..serving import check_serve_models, start_cloud_services  # imports Ray
+
+        check_serve_models(settings, serve_model or None)  # a typo fails before connecting
 
         if dev_broker:
             url = stack.enter_context(_dev_broker(settings.broker_url))
@@ -183,6 +203,7 @@ def serve(
             fleet_settings=fleet_settings,
         )
         stack.callback(services.close)
+        stop.install()  # again: starting Ray replaced our SIGTERM handler
         info = _describe(services, settings.broker_url)
         if as_json:
             emit_json({"event": "serving", **info})
@@ -194,7 +215,7 @@ def serve(
                 + (f"; metrics {info['metrics_url']}" if info["metrics_url"] else "")
                 + " (Ctrl-C stops)"
             )
-        stop.wait()
+        stop.event.wait()
         if as_json:
             emit_json({"event": "stopping"})
     if as_json:

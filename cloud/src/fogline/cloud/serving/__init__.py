@@ -25,7 +25,7 @@ from ._from_registry import (
 )
 from ._ray_session import RaySession
 from ._runner import InputSpec, OnnxRunner
-from ._services import CloudServices, Service, start_cloud_services
+from ._services import CloudServices, Service, check_serve_models, start_cloud_services
 from ._settings import AutoscalingSettings, ServingSettings, parse_serving_settings
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "ServedModel",
     "Service",
     "ServingSettings",
+    "check_serve_models",
     "deploy_model",
     "deploy_record",
     "ensure_ray",

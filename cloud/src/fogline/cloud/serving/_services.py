@@ -19,7 +19,7 @@ from fogline.protocol import MqttTransport, SigningKey, TrustStore, validate_id
 
 from .._artifacts import ArtifactService
 from .._config import CloudSettings
-from .._registry import Registry
+from .._registry import ModelRecord, Registry
 from ..fleet import (
     FLEET_DB_NAME,
     FleetMonitor,
@@ -30,11 +30,11 @@ from ..fleet import (
 from ._bridge import InferenceBridge, ServedModel
 from ._deployment import DeployedModel, undeploy
 from ._follow import ReleaseFollower
-from ._from_registry import parse_served_refs, resolve_served
+from ._from_registry import parse_served_refs, resolve_served, serving_settings_for
 from ._from_registry import serve_models as deploy_models
 from ._ray_session import RaySession
 
-__all__ = ["CloudServices", "Service", "start_cloud_services"]
+__all__ = ["CloudServices", "Service", "check_serve_models", "start_cloud_services"]
 
 log = logging.getLogger("fogline.cloud.services")
 
@@ -89,6 +89,22 @@ class CloudServices:
         self.close()
 
 
+def check_serve_models(
+    settings: CloudSettings, serve_models: Sequence[str] | None = None
+) -> list[ModelRecord]:
+    """What would be served (``serve_models``, else ``[cloud.serve] models``), checked
+    without starting anything: unknown models, missing fp32 variants and bad
+    deployment options raise here."""
+    refs = list(settings.serve.models if serve_models is None else serve_models)
+    registry = Registry(settings.data_dir)
+    records = []
+    for name, version in parse_served_refs(refs):
+        record = resolve_served(registry, name, version)
+        serving_settings_for(record, settings.serve.deployment)
+        records.append(record)
+    return records
+
+
 def start_cloud_services(
     settings: CloudSettings,
     transport: MqttTransport,
@@ -120,11 +136,9 @@ def start_cloud_services(
         validate_id(group, "share group")
     follow = cfg.follow_releases if follow_releases is None else follow_releases
 
+    check_serve_models(settings, refs)  # unknown models, bad options: before Ray starts
     registry = Registry(settings.data_dir)
-    parsed = parse_served_refs(refs)
-    for name, version in parsed:
-        resolve_served(registry, name, version)  # unknown models fail before Ray starts
-    pinned = {name: version is not None for name, version in parsed}
+    pinned = {name: version is not None for name, version in parse_served_refs(refs)}
     services = CloudServices(
         registry=registry,
         artifacts=ArtifactService(

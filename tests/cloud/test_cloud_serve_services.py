@@ -1,0 +1,431 @@
+"""``fogline cloud serve``: every long-running cloud service, in-process and as the CLI.
+
+Real Mosquitto, the shared local Ray (Serve apps deleted by each test, Serve shut down at
+the end of the module, Ray left up), real SQLite under ``tmp_path``, tiny real ONNX
+models registered through :meth:`Registry.register`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fogline.cloud import (
+    CloudSettings,
+    ModelRecord,
+    Registry,
+    ServeConfig,
+    build_manifest,
+    load_signing_key,
+    publish_release,
+)
+from fogline.cloud.cli import app
+from fogline.cloud.serving import (
+    CloudServices,
+    OnnxRunner,
+    shutdown_serving,
+    start_cloud_services,
+)
+from fogline.protocol import (
+    ConfigError,
+    ErrorReply,
+    Heartbeat,
+    InferenceRequest,
+    InferenceResponse,
+    MqttSettings,
+    MqttTransport,
+    SigningKey,
+    Tensor,
+    TensorSpec,
+    Topics,
+    UnknownModelError,
+    decode,
+    encode,
+    free_port,
+    sign_release,
+)
+
+pytestmark = pytest.mark.ray
+
+OUR_THREADS = ("fogline-bridge", "fogline-artifacts", "fogline-redeploy", "fleet-")
+X = np.array([[1.0, -2.0, 0.5, 3.0], [0.0, 1.0, 1.0, 1.0]], dtype=np.float32)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    """Liveness wait (not a timing assertion): fails only if it never happens."""
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached")
+        time.sleep(0.05)
+
+
+def serve_apps() -> set[str]:
+    from ray import serve
+
+    try:
+        return set(serve.status().applications)
+    except Exception:  # Serve not running: no applications
+        return set()
+
+
+def our_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(OUR_THREADS)]
+
+
+def register(
+    registry: Registry, builder: Callable[..., Path], seed: int, *, publish: bool = True
+) -> ModelRecord:
+    path = builder(registry.data_dir.parent / f"tiny-{seed}.onnx", seed=seed)
+    record = registry.register(
+        "tiny",
+        artifacts={"fp32": path},
+        assignments={"cpu-1t": "fp32"},
+        inputs=[TensorSpec(name="input", dtype="float32", shape=[-1, 4])],
+        outputs=[TensorSpec(name="logits", dtype="float32", shape=[-1, 3])],
+        source="test",
+        lineage={"seed": seed},
+        card={},
+    )
+    return registry.mark_published("tiny", record.version) if publish else record
+
+
+def reference(registry: Registry, record: ModelRecord) -> np.ndarray:
+    runner = OnnxRunner(registry.artifact_path(record, "fp32"))
+    return runner.run({"input": X})["logits"]
+
+
+class Device:
+    """A test client that asks the cloud for inference and sends heartbeats."""
+
+    def __init__(self, settings: MqttSettings, topics: Topics, device_id: str = "dev-1") -> None:
+        self.topics, self.device_id = topics, device_id
+        self.transport = MqttTransport(settings)
+        self.transport.connect()
+        self._replies: dict[str, Any] = {}
+        self._cond = threading.Condition()
+        self.transport.subscribe(topics.inbox_filter(device_id), self._on_reply, qos=1)
+
+    def _on_reply(self, msg: Any) -> None:
+        try:
+            reply: Any = decode(msg.payload, InferenceResponse)
+        except Exception:
+            reply = decode(msg.payload, ErrorReply)
+        with self._cond:
+            self._replies[reply.correlation_id] = reply
+            self._cond.notify_all()
+
+    def infer(self, x: np.ndarray = X, timeout_s: float = 60.0) -> Any:
+        cid = uuid.uuid4().hex
+        request = InferenceRequest(
+            correlation_id=cid, reply_to=self.topics.inbox(self.device_id, "infer"),
+            model="tiny", inputs={"input": Tensor.from_numpy(x)}, deadline=time.time() + 60,
+            device_id=self.device_id,
+        )
+        self.transport.publish(self.topics.infer_requests("tiny"), encode(request), qos=1)
+        with self._cond:
+            assert self._cond.wait_for(lambda: cid in self._replies, timeout_s), "no reply"
+            return self._replies.pop(cid)
+
+    def heartbeat(self) -> None:
+        beat = Heartbeat(
+            device_id=self.device_id, device_class="cpu-1t", seq=1, at=time.time(),
+            uptime_s=1.0, interval_s=5.0, models={"tiny": 1}, requests=7,
+        )
+        self.transport.publish(self.topics.heartbeat(self.device_id), encode(beat), qos=1)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _serve_down_after_module(ray_session: Any) -> Iterator[None]:
+    yield
+    shutdown_serving()  # leave no Serve behind for other modules; Ray itself stays up
+
+
+@pytest.fixture
+def settings(tmp_path: Path, broker_url: str) -> CloudSettings:
+    return CloudSettings(
+        data_dir=tmp_path / "data",
+        broker_url=broker_url,
+        topic_prefix=f"serve-{uuid.uuid4().hex[:8]}/v1",  # no retained leftovers
+        serve=ServeConfig(metrics_port=0, deployment={"num_cpus": 0.1}),
+    )
+
+
+@pytest.fixture
+def cloud(
+    settings: CloudSettings, mqtt_settings: MqttSettings
+) -> Iterator[Callable[..., CloudServices]]:
+    """Start cloud services on their own transport; everything is closed at teardown."""
+    opened: list[tuple[CloudServices, MqttTransport]] = []
+
+    def start(**kwargs: Any) -> CloudServices:
+        transport = MqttTransport(mqtt_settings)
+        transport.connect()
+        try:
+            services = start_cloud_services(settings, transport, **kwargs)
+        except BaseException:
+            transport.close()
+            raise
+        opened.append((services, transport))
+        return services
+
+    try:
+        yield start
+    finally:
+        for services, transport in reversed(opened):
+            services.close()
+            transport.close()
+
+
+@pytest.fixture
+def device(mqtt_settings: MqttSettings, settings: CloudSettings) -> Iterator[Device]:
+    dev = Device(mqtt_settings, settings.topics)
+    try:
+        yield dev
+    finally:
+        dev.close()
+
+
+# -- in-process ----------------------------------------------------------------------------------
+def test_serves_inference_records_heartbeats_and_closes_everything(
+    cloud: Callable[..., CloudServices],
+    settings: CloudSettings,
+    device: Device,
+    cloud_tiny_classifier: Callable[..., Path],
+) -> None:
+    registry = Registry(settings.data_dir)
+    v1 = register(registry, cloud_tiny_classifier, seed=1)
+    port = free_port()
+    services = cloud(serve_models=["tiny"], metrics_port=port)
+    assert services.names == [
+        "ArtifactService", "Ray", "Serve", "InferenceBridge", "ReleaseFollower",
+        "FleetMonitor", "FleetWebServer",
+    ]
+    assert services.served_versions() == {"tiny": 1}
+    assert "fogline-tiny-v1" in serve_apps()
+
+    reply = device.infer()
+    assert isinstance(reply, InferenceResponse) and reply.version == 1
+    np.testing.assert_allclose(reply.outputs["logits"].to_numpy(), reference(registry, v1),
+                               rtol=1e-5)
+
+    device.heartbeat()
+    assert services.monitor is not None and services.fleet_store is not None
+    store = services.fleet_store
+    wait_until(lambda: [d.device_id for d in store.devices()] == ["dev-1"])
+    recorded = store.device("dev-1")
+    assert recorded.heartbeat is not None and recorded.heartbeat.models == {"tiny": 1}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/summary", timeout=10) as resp:
+        assert json.loads(resp.read())["devices_total"] == 1
+    assert services.metrics_url == f"http://127.0.0.1:{port}/metrics"
+
+    services.close()
+    assert our_threads() == []
+    assert not any(app.startswith("fogline-tiny") for app in serve_apps())
+    with pytest.raises(OSError):  # the metrics server is gone
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    services.close()  # idempotent
+
+
+def test_follows_new_releases_and_ignores_bad_ones(
+    cloud: Callable[..., CloudServices],
+    settings: CloudSettings,
+    device: Device,
+    cloud_tiny_classifier: Callable[..., Path],
+    mqtt_settings: MqttSettings,
+) -> None:
+    registry = Registry(settings.data_dir)
+    v1 = register(registry, cloud_tiny_classifier, seed=1)
+    services = cloud(serve_models=["tiny"], fleet=False)
+    assert services.follower is not None
+    follower, topics = services.follower, settings.topics
+    key = load_signing_key(settings.data_dir)
+    manifest = build_manifest(v1)
+
+    def release(version: int, payload: bytes) -> None:
+        publisher.publish(topics.release("tiny", version), payload, qos=1, wait=True)
+
+    publisher = MqttTransport(mqtt_settings)
+    publisher.connect()
+    try:
+        # Refused, v1 keeps serving: garbage, a stranger's signature, a release whose
+        # manifest names another version than its topic...
+        release(3, b"\x00garbage")
+        release(3, encode(sign_release(manifest.model_copy(update={"version": 3}),
+                                       SigningKey.generate())))
+        release(3, encode(sign_release(manifest.model_copy(update={"version": 4}), key)))
+        wait_until(lambda: follower.rejected == 3)
+        # ... a properly signed version the registry does not have ...
+        release(5, encode(sign_release(manifest.model_copy(update={"version": 5}), key)))
+        wait_until(lambda: follower.failed == 1)
+        # ... and an old version, ignored without even a look.
+        release(1, b"\x00garbage")
+        reply = device.infer()
+        assert isinstance(reply, InferenceResponse) and reply.version == 1
+        assert services.served_versions() == {"tiny": 1} and follower.redeployed == 0
+
+        # A real publish of v2: deployed next to v1, the bridge switches, v1 is deleted.
+        v2 = register(registry, cloud_tiny_classifier, seed=2, publish=False)
+        publish_release(registry, "tiny", 2, publisher, key, topics=topics)
+        wait_until(lambda: services.served_versions() == {"tiny": 2})
+        reply = device.infer()
+        assert isinstance(reply, InferenceResponse) and reply.version == 2
+        np.testing.assert_allclose(
+            reply.outputs["logits"].to_numpy(), reference(registry, v2), rtol=1e-5
+        )
+        wait_until(lambda: "fogline-tiny-v1" not in serve_apps())  # deleted after the switch
+        assert "fogline-tiny-v2" in serve_apps()
+        assert (follower.redeployed, follower.rejected, follower.failed) == (1, 3, 1)
+    finally:
+        publisher.close()
+    services.close()
+    assert not any(app.startswith("fogline-tiny") for app in serve_apps())
+    assert our_threads() == []
+
+
+def test_pinned_version_is_not_followed(
+    cloud: Callable[..., CloudServices],
+    settings: CloudSettings,
+    cloud_tiny_classifier: Callable[..., Path],
+) -> None:
+    registry = Registry(settings.data_dir)
+    register(registry, cloud_tiny_classifier, seed=1)
+    register(registry, cloud_tiny_classifier, seed=2)
+    services = cloud(serve_models=["tiny:1"], fleet=False)
+    assert services.served_versions() == {"tiny": 1}
+    assert services.follower is None  # nothing to follow: the version is pinned
+    assert "ReleaseFollower" not in services.names
+
+
+@pytest.mark.parametrize(
+    ("refs", "error", "words"),
+    [
+        (["ghost"], UnknownModelError, "no model ghost"),
+        (["tiny:9"], UnknownModelError, "no model tiny:9"),
+        (["draft"], UnknownModelError, "no published version"),
+        (["tiny", "tiny:1"], ConfigError, "more than once"),
+    ],
+)
+def test_bad_models_fail_before_anything_starts(
+    cloud: Callable[..., CloudServices],
+    settings: CloudSettings,
+    cloud_tiny_classifier: Callable[..., Path],
+    refs: list[str],
+    error: type[Exception],
+    words: str,
+) -> None:
+    registry = Registry(settings.data_dir)
+    register(registry, cloud_tiny_classifier, seed=1)
+    path = cloud_tiny_classifier(settings.data_dir.parent / "draft.onnx")
+    spec = registry.get("tiny").inputs
+    registry.register(
+        "draft", artifacts={"fp32": path}, assignments={}, inputs=spec, outputs=spec,
+        source="test", lineage={}, card={},
+    )
+    apps_before = serve_apps()
+    with pytest.raises(error, match=words):
+        cloud(serve_models=refs)
+    assert serve_apps() == apps_before and our_threads() == []
+
+
+def test_bad_deployment_option_is_a_config_error_naming_it(
+    cloud: Callable[..., CloudServices],
+    settings: CloudSettings,
+    cloud_tiny_classifier: Callable[..., Path],
+) -> None:
+    register(Registry(settings.data_dir), cloud_tiny_classifier, seed=1)
+    settings.serve.deployment["num_replicass"] = 2
+    with pytest.raises(ConfigError, match="num_replicass"):
+        cloud(serve_models=["tiny"])
+    assert our_threads() == []
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+def test_cli_unknown_serve_model_is_one_line(tmp_path: Path, broker_url: str) -> None:
+    for ref, code_name in (("ghost", "unknown_model"), ("bad/name", "invalid_id")):
+        result = CliRunner().invoke(app, [
+            "cloud", "serve", "--serve-model", ref, "--data-dir", str(tmp_path),
+            "--broker", broker_url, "--metrics-port", "0", "--json",
+        ])
+        assert result.exit_code == 1
+        assert result.stdout.count("\n") == 1
+        assert json.loads(result.stdout)["error"]["code"] == code_name
+    result = CliRunner().invoke(app, [
+        "cloud", "serve", "--serve-model", "ghost", "--data-dir", str(tmp_path),
+        "--broker", broker_url,
+    ])
+    assert result.exit_code == 1 and result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "unknown_model" in lines[0] and "ghost" in lines[0]
+
+
+def test_cli_serve_model_answers_and_stops_on_sigterm(
+    tmp_path: Path,
+    broker_url: str,
+    mqtt_settings: MqttSettings,
+    ray_session: Any,
+    cloud_tiny_classifier: Callable[..., Path],
+) -> None:
+    data_dir = tmp_path / "data"
+    registry = Registry(data_dir)
+    register(registry, cloud_tiny_classifier, seed=1)
+    prefix = f"cli-{uuid.uuid4().hex[:8]}/v1"
+    (data_dir / "cloud.toml").write_text(
+        f'topic_prefix = "{prefix}"\n[serve.deployment]\nnum_cpus = 0.1\n'
+    )
+    # The served process joins this session's Ray through RAY_ADDRESS (the cluster
+    # path: it deletes its own Serve apps and disconnects, leaving Ray and Serve up).
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "fogline.cloud.cli", "cloud", "serve",
+            "--serve-model", "tiny", "--data-dir", str(data_dir), "--broker", broker_url,
+            "--metrics-port", "0", "--json",
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    device = Device(mqtt_settings, Topics(prefix), "cli-dev")
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.communicate(timeout=60)[1]
+        started = json.loads(line)
+        assert started["event"] == "serving" and started["models"] == {"tiny": 1}
+        assert "InferenceBridge" in started["services"] and "FleetMonitor" in started["services"]
+        assert "fogline-tiny-v1" in serve_apps()
+        reply = device.infer()
+        assert isinstance(reply, InferenceResponse) and reply.version == 1
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert json.loads(out.strip().splitlines()[-1])["event"] == "stopped"
+        assert "Traceback" not in err
+        assert "fogline-tiny-v1" not in serve_apps()
+        assert ray_session.is_initialized()
+    finally:
+        device.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
