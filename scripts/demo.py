@@ -540,7 +540,6 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_logs()
     # With --json, stdout carries only the report; everything else goes to stderr.
     console = Console(stderr=True) if args.json else Console()
-    out = Console()
     started = time.monotonic()
     demo = Demo(args, console)
     try:
@@ -557,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report["timings_s"]["total"] = round(time.monotonic() - started, 2)
     if args.json:
-        out.print_json(json.dumps(report))
+        # Plain write: a rich console could wrap a long line inside the JSON.
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
         assert demo.truth is not None
         console.print(report_table(report, demo.truth))
