@@ -21,18 +21,23 @@ from pydantic import BaseModel, ConfigDict
 
 from fogline.protocol import (
     BreakerState,
+    DeviceEvent,
     FoglineError,
     Heartbeat,
+    InferenceInputError,
     MqttTransport,
     TensorSpec,
     TrustStore,
     UnknownModelError,
 )
 
+from ._breaker import CircuitBreaker
 from ._capacity import Admission
+from ._cloud_client import CloudClient
 from ._config import AgentConfig
 from ._download import ArtifactFetcher
 from ._release import ReleaseManager
+from ._routing import LoadHints, LocalResult, LocalState, OnNoPath, Router, RoutingPolicy
 from ._runtime import LoadedModel, ModelSlot, SessionCache, load_model, run_model, self_test
 from ._store import ModelStore, atomic_write
 from ._telemetry import Outbox, Telemetry, offline_will
@@ -46,6 +51,10 @@ log = logging.getLogger("fogline.edge.agent")
 
 STATUS_FILE = "status.json"
 _now = time.perf_counter
+_POLICIES = frozenset(p.value for p in RoutingPolicy)
+# Policies that, without a budget and on an unstressed device, always run locally: such
+# requests skip the router entirely (the local hot path stays as lean as raw ORT).
+_LOCAL_WITHOUT_BUDGET = frozenset({RoutingPolicy.LOCAL_FIRST, RoutingPolicy.LOCAL_ONLY})
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,19 @@ class AgentStatus(BaseModel):
     latency_p50_ms: float
     latency_p99_ms: float
     breaker_state: BreakerState
+    # Where requests ran: offload ratio = cloud / (edge + cloud) answers; the met-budget
+    # ratio counts requests that carried a budget.
+    policy: str = RoutingPolicy.LOCAL_FIRST.value
+    offload_ratio: float = 0.0
+    budgeted_requests: int = 0
+    met_budget: int = 0
+    met_budget_ratio: float = 1.0
+    cloud_fallbacks: int = 0  # the cloud failed; the request ran locally
+    cascade_escalations: int = 0  # cascade asked the cloud (low local confidence)
+    cloud_errors: int = 0  # failed with no local run (cloud-only, refused, no path)
+    cloud_rtt_ms: float | None = None
+    cloud_service_ms: dict[str, float] = {}
+    cloud_models: list[str] = []  # no local variant for this class: served by the cloud
     telemetry_dropped: int
     telemetry_queued: int
     http_url: str | None
@@ -141,7 +163,16 @@ class Agent:
         self._slots: dict[str, ModelSlot] = {}
         cap = config.capacity
         self._admission = Admission(cap.max_in_flight, cap.max_queue, cap.default_max_wait_ms)
-        self._default_budget_ms = config.routing.default_budget_ms
+        routing = config.routing
+        self._default_budget_ms = routing.default_budget_ms
+        self._router = Router(routing)
+        self._cloud: CloudClient | None = None
+        self._cloud_models: frozenset[str] = frozenset()
+        self._cloud_errors = 0
+        self._errors_lock = threading.Lock()
+        self._load_hints = LoadHints()
+        self._max_queue = cap.max_queue
+        self._fast = routing.policy in _LOCAL_WITHOUT_BUDGET
         self._trust = TrustStore.from_texts(config.trusted_keys)
         self._transport = transport
         self._own_transport = transport is None
@@ -189,6 +220,8 @@ class Agent:
             clock=self._clock,
             on_tick=self._write_status,
         )
+        self._telemetry.event_filter = self._filter_event
+        self._start_cloud()
         fetcher = ArtifactFetcher(self._transport, cfg.topics, cfg.device_id, cfg.delivery)
         fetcher.subscribe()
         self._delivery = ReleaseManager(
@@ -216,6 +249,8 @@ class Agent:
         self._stopped = True
         if self._delivery is not None:
             self._delivery.stop()
+        if self._cloud is not None:
+            self._cloud.close()  # fails pending cloud calls at once, before the link goes
         if self._telemetry is not None:
             self._telemetry.event("agent_stopping")
             self._telemetry.stop(publish_offline=True)
@@ -234,6 +269,27 @@ class Agent:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _start_cloud(self) -> None:
+        routing = self.config.routing
+        if not routing.cloud_enabled or self._transport is None:
+            return
+        breaker = CircuitBreaker(
+            failure_threshold=routing.breaker_failures, cooldown_s=routing.breaker_cooldown_s
+        )
+        watch = set(self.config.models or ()) | set(self._slots)
+        self._cloud = CloudClient(
+            self._transport,
+            self.config.topics,
+            self.config.device_id,
+            breaker=breaker,
+            timeout_s=routing.cloud_timeout_ms / 1000.0,
+            probe_interval_s=routing.probe_interval_s,
+            probe_timeout_s=routing.probe_timeout_s,
+            watch=watch,
+        )
+        self._cloud.start()
+        self._router.cloud = self._cloud
+
     # -- inference (hot path) -------------------------------------------------------------
     def infer(
         self,
@@ -241,19 +297,122 @@ class Agent:
         inputs: Mapping[str, np.ndarray],
         budget_ms: float | None = None,
         policy: str | None = None,
+        on_no_path: OnNoPath | None = None,
     ) -> InferenceResult:
-        """Run ``model`` on ``inputs``. Raises :class:`UnknownModelError`,
-        :class:`InferenceInputError`, :class:`CapacityError` (all ``FoglineError``)."""
+        """Run ``model`` on ``inputs``, on the edge or in the cloud as the routing
+        ``policy`` (default: the config's) decides for the latency ``budget_ms``.
+        ``on_no_path``: ``"run-late"`` (run anyway, marked late) or ``"refuse"``
+        (:class:`BudgetExceededError` at once) when no path meets the budget.
+        Raises :class:`UnknownModelError`, :class:`InferenceInputError`,
+        :class:`CapacityError`, :class:`BudgetExceededError`,
+        :class:`CloudUnavailableError` (all ``FoglineError``)."""
         slot = self._slots.get(model)
-        loaded = slot.current if slot is not None else None
         if budget_ms is None:
             budget_ms = self._default_budget_ms
-        # -- routing seam: the hybrid router decides edge / cloud / refuse here. ---------
-        if loaded is None:
-            raise UnknownModelError(
-                f"model {model!r} is not served by device {self.config.device_id}"
+        # No budget, default policy, unstressed, queue not full: always local, so skip
+        # the router (no allocation, no lock).
+        if (
+            budget_ms is None
+            and policy is None
+            and self._fast
+            and slot is not None
+            and self._admission.waiting < self._max_queue
+        ):
+            loaded = slot.current
+            if loaded is not None:
+                return self._infer_local(loaded, inputs, None)
+        return self._infer_routed(model, slot, inputs, budget_ms, policy, on_no_path)
+
+    def _infer_routed(
+        self,
+        model: str,
+        slot: ModelSlot | None,
+        inputs: Mapping[str, np.ndarray],
+        budget_ms: float | None,
+        policy: str | None,
+        on_no_path: OnNoPath | None,
+    ) -> InferenceResult:
+        if policy is not None and policy not in _POLICIES:
+            raise InferenceInputError(
+                f"unknown routing policy {policy!r}; expected one of {sorted(_POLICIES)}"
             )
-        return self._infer_local(loaded, inputs, budget_ms)
+        if on_no_path is not None and on_no_path not in ("run-late", "refuse"):
+            raise InferenceInputError(
+                f"on_no_path must be 'run-late' or 'refuse', not {on_no_path!r}"
+            )
+        if budget_ms is not None and not budget_ms > 0:
+            raise InferenceInputError(f"budget_ms must be positive, not {budget_ms!r}")
+        loaded = slot.current if slot is not None else None
+        ran_local = False
+        if loaded is None:
+            if not self._cloud_serves(model):
+                raise UnknownModelError(
+                    f"model {model!r} is not served by device {self.config.device_id}"
+                )
+            local = LocalState(has_model=False)
+        else:
+            a = self._admission
+            local = LocalState(
+                has_model=True,
+                queue_depth=a.waiting,
+                in_flight=a.in_flight,
+                concurrency=a.max_in_flight,
+                max_queue=a.max_queue,
+                service_ms=a.service_estimate_ms(model),
+            )
+
+        def run_local() -> LocalResult:
+            nonlocal ran_local
+            if loaded is None:  # the router never runs locally without a local model
+                raise UnknownModelError(f"model {model!r} has no local variant here")
+            ran_local = True
+            result = self._infer_local(loaded, inputs, budget_ms)
+            return LocalResult(result.outputs, result.version)
+
+        try:
+            routed = self._router.route(
+                model,
+                inputs,
+                run_local,
+                local=local,
+                budget_ms=budget_ms,
+                policy=policy,
+                on_no_path=on_no_path,
+                hints=self._load_hints,
+            )
+        except FoglineError:
+            if not ran_local:  # local failures are counted by admission control
+                with self._errors_lock:
+                    self._cloud_errors += 1
+            raise
+        return InferenceResult._make(
+            routed.outputs,
+            model,
+            routed.version,
+            routed.target,
+            routed.latency_ms,
+            routed.met_budget,
+            routed.late,
+        )
+
+    def _cloud_serves(self, model: str) -> bool:
+        """A model with no local install is served through the cloud when this agent
+        serves it (config ``models``, the desired state, or a release without a variant
+        for this class) and the cloud has answered at least once."""
+        cloud = self._cloud
+        if cloud is None or cloud.rtt_ms is None:
+            return False
+        allowed = self.config.models
+        if allowed is not None and model not in allowed:
+            return False
+        known = (
+            model in self._cloud_models
+            or allowed is not None
+            or (self._delivery is not None and model in self._delivery.desired())
+        )
+        if known:
+            cloud.watch(model)
+        return known
 
     def _infer_local(
         self, loaded: LoadedModel, inputs: Mapping[str, np.ndarray], budget_ms: float | None
@@ -326,6 +485,8 @@ class Agent:
         )
 
     def _activate(self, loaded: LoadedModel) -> None:
+        if self._cloud is not None:
+            self._cloud.watch(loaded.name)  # keep the cloud estimate fresh for offloading
         slot = self._slots.get(loaded.name)
         if slot is None:
             # A new dict, swapped in whole: readers never see one being resized.
@@ -367,10 +528,37 @@ class Agent:
                     self._store.commit(rec)
                 break
 
+    def _filter_event(self, event: DeviceEvent) -> bool:
+        """A release without a variant for this class makes the model cloud-served; it is
+        reported once per model, not once per retained version at every restart."""
+        if (
+            event.kind != "release_rejected"
+            or event.reason != "wrong_device_class"
+            or event.model is None
+        ):
+            return True
+        first = event.model not in self._cloud_models
+        if first:
+            self._cloud_models = self._cloud_models | {event.model}
+            if self._cloud is not None:
+                self._cloud.watch(event.model)
+            log.info(
+                "%s has no variant for %s: served through the cloud",
+                event.model,
+                self.config.device_class,
+            )
+        return first
+
     # -- load hints, status, telemetry ------------------------------------------------------
     def set_load_hints(self, **hints: float) -> None:
         """Device load signals (``cpu_load``, ``battery``, ``thermal``...) for the router."""
         self._hints = {**self._hints, **{k: float(v) for k, v in hints.items()}}
+        self._load_hints = LoadHints.from_mapping(self._hints)
+        routing = self.config.routing
+        # A stressed device offloads even unbudgeted requests: they take the router then.
+        self._fast = (
+            routing.policy in _LOCAL_WITHOUT_BUDGET and self._load_hints.stressed(routing) is None
+        )
 
     @property
     def load_hints(self) -> dict[str, float]:
@@ -384,6 +572,16 @@ class Agent:
     @property
     def transport(self) -> MqttTransport | None:
         return self._transport
+
+    @property
+    def router(self) -> Router:
+        """The hybrid router (its ``stats``: offload and met-budget counts)."""
+        return self._router
+
+    @property
+    def cloud(self) -> CloudClient | None:
+        """The cloud inference client (``None`` until started, or with the cloud off)."""
+        return self._cloud
 
     @property
     def telemetry(self) -> Telemetry | None:
@@ -409,6 +607,18 @@ class Agent:
                 service_ms=self._admission.service_estimate_ms(name),
             )
         tel = self._telemetry
+        stats = self._router.stats
+        escalations = stats.escalations
+        cloud_answers = stats.cloud_requests
+        edge_answers = max(0, snap.requests - escalations)  # escalated: answered by cloud
+        answered = edge_answers + cloud_answers
+        cloud = self._cloud
+        cloud_service: dict[str, float] = {}
+        if cloud is not None:
+            for name in sorted(set(models) | self._cloud_models):
+                ms = cloud.service_ms(name)
+                if ms is not None:
+                    cloud_service[name] = ms
         return AgentStatus(
             device_id=self.config.device_id,
             device_class=self.config.device_class,
@@ -416,17 +626,28 @@ class Agent:
             connected=self.connected,
             uptime_s=time.monotonic() - self._started_at,
             models=models,
-            requests=snap.requests,
-            errors=snap.errors,
+            requests=snap.requests + cloud_answers - escalations + self._cloud_errors,
+            errors=snap.errors + self._cloud_errors,
             refused=snap.refused,
-            edge_requests=snap.requests,
-            cloud_requests=0,
+            edge_requests=edge_answers,
+            cloud_requests=cloud_answers,
             in_flight=snap.in_flight,
             queue_depth=snap.queue_depth,
             max_in_flight=snap.max_in_flight,
             latency_p50_ms=snap.latency_p50_ms,
             latency_p99_ms=snap.latency_p99_ms,
-            breaker_state="closed",
+            breaker_state=cloud.breaker.state if cloud is not None else "closed",
+            policy=self.config.routing.policy.value,
+            offload_ratio=cloud_answers / answered if answered else 0.0,
+            budgeted_requests=stats.budgeted,
+            met_budget=stats.met_budget,
+            met_budget_ratio=stats.met_budget_ratio,
+            cloud_fallbacks=stats.fallbacks,
+            cascade_escalations=escalations,
+            cloud_errors=self._cloud_errors,
+            cloud_rtt_ms=cloud.rtt_ms if cloud is not None else None,
+            cloud_service_ms=cloud_service,
+            cloud_models=sorted(self._cloud_models),
             telemetry_dropped=tel.dropped if tel else 0,
             telemetry_queued=len(tel.outbox) if tel and not self._stopped else 0,
             http_url=self.http_url,
@@ -436,7 +657,6 @@ class Agent:
 
     def _heartbeat(self, seq: int) -> Heartbeat:
         st = self.status()
-        snap = self._admission.snapshot()
         cpu, mem = self._process_usage()
         total = st.requests + st.refused
         return Heartbeat(
@@ -452,14 +672,14 @@ class Agent:
             errors=st.errors + st.refused,
             edge_requests=st.edge_requests,
             cloud_requests=st.cloud_requests,
-            budgeted_requests=snap.budgeted,
-            met_budget=snap.met_budget,
+            budgeted_requests=st.budgeted_requests,
+            met_budget=st.met_budget,
             latency_p50_ms=st.latency_p50_ms,
             latency_p99_ms=st.latency_p99_ms,
             queue_depth=st.queue_depth,
             in_flight=st.in_flight,
-            offload_ratio=st.cloud_requests / total if total else 0.0,
-            met_budget_ratio=snap.met_budget / snap.budgeted if snap.budgeted else 1.0,
+            offload_ratio=st.offload_ratio,
+            met_budget_ratio=st.met_budget_ratio,
             breaker_state=st.breaker_state,
             cpu_percent=cpu,
             memory_mb=mem,

@@ -346,8 +346,17 @@ class CloudClient:
             entry.future.set_result(reply)
 
     # -- idle probing --------------------------------------------------------------------------
+    def _probe_wait(self) -> float:
+        # Until the first answer, probe soon (a just-started agent should know its cloud
+        # before its first budgeted request); a failing probe still waits its timeout.
+        with self._lock:
+            known = self._rtt.value is not None
+        if known or not self.transport.connected or self.breaker.state != "closed":
+            return self.probe_interval_s
+        return min(self.probe_interval_s, 0.05)
+
     def _probe_loop(self) -> None:
-        while not self._stop.wait(self.probe_interval_s):
+        while not self._stop.wait(self._probe_wait()):
             with self._lock:
                 idle = self._clock() - self._last_sent >= self.probe_interval_s
                 models = sorted(self._watched)

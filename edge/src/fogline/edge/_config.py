@@ -16,7 +16,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -31,6 +31,8 @@ from fogline.protocol import (
     Topics,
 )
 
+from ._routing import RoutingSettings
+
 __all__ = [
     "AgentConfig",
     "CapacityConfig",
@@ -42,8 +44,6 @@ __all__ = [
 
 ENV_PREFIX = "FOGLINE_"
 _ENV_ALIASES = {"FOGLINE_BROKER_URL": ("mqtt", "url")}
-
-RoutingPolicy = Literal["local-first", "cloud-first", "local-only", "cloud-only", "cascade"]
 
 
 class _Section(BaseModel):
@@ -82,13 +82,9 @@ class DeliveryConfig(_Section):
     retry_after_s: float = Field(default=30.0, gt=0, le=86_400)
 
 
-class RoutingConfig(_Section):
-    """Where requests run (the hybrid router reads this section)."""
-
-    policy: RoutingPolicy = "local-first"
-    default_budget_ms: float | None = Field(default=None, gt=0)
-    cascade_threshold: float = Field(default=0.8, ge=0, le=1)
-    on_no_path: Literal["run-late", "refuse"] = "run-late"
+# Where requests run: the ``[routing]`` section validates as the router's own settings
+# (one model, so the config and the router can never disagree).
+RoutingConfig = RoutingSettings
 
 
 class AgentConfig(BaseModel):
@@ -110,7 +106,7 @@ class AgentConfig(BaseModel):
     # Serve only these models; None serves every model the desired state names.
     models: list[Identifier] | None = None
     delivery: DeliveryConfig = DeliveryConfig()
-    routing: RoutingConfig = RoutingConfig()
+    routing: RoutingSettings = RoutingSettings()
 
     @field_validator("trusted_keys")
     @classmethod

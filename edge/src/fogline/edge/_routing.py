@@ -82,7 +82,7 @@ class RoutingPolicy(StrEnum):
 
 
 class RoutingSettings(BaseModel):
-    """The ``[routing]`` section of the agent's configuration."""
+    """The ``[routing]`` section of the agent's configuration (also ``RoutingConfig``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -95,6 +95,12 @@ class RoutingSettings(BaseModel):
     cloud_timeout_ms: float = Field(default=2000.0, gt=0)  # for requests with no budget
     cpu_offload_above: float = Field(default=0.9, gt=0, le=1)
     battery_offload_below: float = Field(default=0.2, ge=0, le=1)
+    # The cloud path: off, the agent never asks the cloud (no probes, no offload).
+    cloud_enabled: bool = True
+    probe_interval_s: float = Field(default=1.0, ge=0, le=3600)  # 0 = no idle probes
+    probe_timeout_s: float = Field(default=1.0, gt=0, le=60)
+    breaker_failures: int = Field(default=5, ge=1, le=10_000)  # consecutive, to open
+    breaker_cooldown_s: float = Field(default=5.0, gt=0, le=3600)  # open -> half-open
 
 
 @dataclass(frozen=True)

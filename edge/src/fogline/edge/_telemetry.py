@@ -147,6 +147,9 @@ class Telemetry:
         self._connect_pending = False
         self._seq = 0
         self._thread: threading.Thread | None = None
+        # The agent may hold back repeats (e.g. ``wrong_device_class`` for a model it
+        # serves through the cloud): called with each event, False drops it.
+        self.event_filter: Callable[[DeviceEvent], bool] | None = None
         transport.add_connection_listener(self._on_connection)
 
     # -- public ---------------------------------------------------------------------------
@@ -206,6 +209,9 @@ class Telemetry:
             reason=reason,
             detail=detail[:2048],
         )
+        if self.event_filter is not None and not self.event_filter(msg):
+            log.debug("event %s %s v%s %s held back (repeat)", kind, model, version, reason)
+            return
         log.info("event %s model=%s version=%s reason=%s %s", kind, model, version, reason, detail)
         self.send(self._topics.events(self.device_id), msg)
 

@@ -98,6 +98,41 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
+def _where(status: dict[str, Any]) -> str:
+    edge, cloud = status.get("edge_requests", 0), status.get("cloud_requests", 0)
+    text = f"edge {edge}, cloud {cloud} (offload {status.get('offload_ratio', 0.0):.1%})"
+    extra = [
+        f"{status[k]} {label}"
+        for k, label in (
+            ("cloud_fallbacks", "fell back to edge"),
+            ("cascade_escalations", "escalated by cascade"),
+            ("cloud_errors", "failed without a local run"),
+        )
+        if status.get(k)
+    ]
+    return text + (f"; {', '.join(extra)}" if extra else "")
+
+
+def _budget(status: dict[str, Any]) -> str:
+    budgeted = status.get("budgeted_requests", 0)
+    if not budgeted:
+        return "no budgeted requests"
+    met, ratio = status.get("met_budget", 0), status.get("met_budget_ratio", 1.0)
+    return f"{met} / {budgeted} met their budget ({ratio:.1%})"
+
+
+def _cloud(status: dict[str, Any]) -> str:
+    rtt = status.get("cloud_rtt_ms")
+    parts = [
+        f"policy {status.get('policy', 'local-first')}",
+        f"breaker {status.get('breaker_state', 'closed')}",
+        "rtt unknown" if rtt is None else f"rtt {rtt:.1f} ms",
+    ]
+    if status.get("cloud_models"):
+        parts.append("cloud-only " + ", ".join(status["cloud_models"]))
+    return ", ".join(parts)
+
+
 def _status(args: argparse.Namespace) -> int:
     if args.data_dir is not None:
         data_dir = Path(args.data_dir)
@@ -126,6 +161,9 @@ def _status(args: argparse.Namespace) -> int:
             "latency",
             f"p50 {status['latency_p50_ms']:.3f} ms, p99 {status['latency_p99_ms']:.3f} ms",
         ),
+        ("ran on", _where(status)),
+        ("budget", _budget(status)),
+        ("cloud", _cloud(status)),
         (
             "in flight",
             f"{status['in_flight']} / {status['max_in_flight']}, queue {status['queue_depth']}",
