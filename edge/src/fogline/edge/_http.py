@@ -1,361 +1,209 @@
-"""The local HTTP API: the Open Inference Protocol (KServe / Triton "v2"), JSON tensors
-plus Triton's binary tensor extension (tritonclient's HTTP client uses it by default).
+"""The local HTTP API's server: :class:`~._v2api.V2Api` on the standard library
+(``socketserver`` + ``http.server``'s request parsing), one thread per keep-alive
+connection; inference runs on that thread.
 
-Starlette app, served by uvicorn on its own thread. Inference runs in the threadpool so
-a request waiting for capacity never blocks the event loop. Every failure becomes a
-JSON ``{"error": "..."}`` with a 4xx/5xx status, mapped from Fogline errors in
-:func:`_status_of` only: unknown model 404, bad input 400, oversize body 413, over
-capacity 429 with ``Retry-After``.
+Starlette and uvicorn served it before: the stdlib stack costs ~6 MB less resident
+memory on the device (no asyncio, anyio, h11 or threadpool) and is no slower (see the
+footprint section of docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
-import math
 import socket
+import socketserver
 import threading
-import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
-import numpy as np
-import uvicorn
-from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-
-from fogline.protocol import (
-    BudgetExceededError,
-    CapacityError,
-    CloudUnavailableError,
-    FoglineError,
-    InferenceInputError,
-    UnknownModelError,
-)
+from fogline.protocol import ConfigError, FoglineError
 
 from ._config import HttpConfig
+from ._v2api import HttpError, V2Api, json_reply, status_of
 
 if TYPE_CHECKING:
     from ._agent import Agent
 
-__all__ = ["HttpServer", "build_app"]
+__all__ = ["HttpServer"]
 
 log = logging.getLogger("fogline.edge.http")
 
-_TO_V2 = {
-    "bool": "BOOL",
-    "int8": "INT8",
-    "uint8": "UINT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "float16": "FP16",
-    "float32": "FP32",
-    "float64": "FP64",
-}
-_FROM_V2 = {v: np.dtype(k) for k, v in _TO_V2.items()}
-_HEADER_LENGTH = "inference-header-content-length"
-_MAX_ELEMENTS = 1 << 24
+# An idle keep-alive connection closes after this long (uvicorn's default), so its
+# thread does not linger.
+_IDLE_TIMEOUT_S = 5.0
+_JOIN_TIMEOUT_S = 10.0
 
 
-class _HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class _Handler(BaseHTTPRequestHandler):
+    """One keep-alive connection. ``http.server`` parses the request line and headers
+    (and answers ``Expect: 100-continue``); routing and replies are ours."""
 
+    protocol_version = "HTTP/1.1"
+    timeout = _IDLE_TIMEOUT_S
+    server: _Server
+    _body_read: bool
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    def setup(self) -> None:
+        super().setup()
+        # Replies go out in one write, but a client's next request must not wait on
+        # Nagle + delayed ACK (~40 ms per keep-alive request).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-
-def _status_of(exc: FoglineError) -> tuple[int, dict[str, str] | None]:
-    """The one place where Fogline errors become HTTP statuses."""
-    if isinstance(exc, UnknownModelError):
-        return 404, None
-    if isinstance(exc, InferenceInputError):
-        return 400, None
-    if isinstance(exc, CapacityError):
-        return 429, {"Retry-After": "1"}
-    if isinstance(exc, BudgetExceededError | CloudUnavailableError):
-        return 503, {"Retry-After": "1"}
-    return 500, None
-
-
-def _spec_json(spec: Any) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": _TO_V2[spec.dtype], "shape": list(spec.shape)}
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _HttpError(413, f"request body of {declared} bytes is over the limit of {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
+    def read_body(self, limit: int) -> bytes:
+        self._body_read = True
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            return self._read_chunked(limit)
+        declared = self.headers.get("content-length")
+        if declared is None:
+            return b""
+        if not declared.isdigit():
+            self.close_connection = True
+            raise HttpError(400, f"bad Content-Length {declared!r}")
+        size = int(declared)
         if size > limit:
-            raise _HttpError(413, f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+            self.close_connection = True  # the body stays unread
+            raise HttpError(413, f"request body of {declared} bytes is over the limit of {limit}")
+        body = self.rfile.read(size)
+        if len(body) != size:
+            self.close_connection = True
+            raise HttpError(400, "the request body ended early")
+        return body
 
-
-def _parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
-    if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise _HttpError(400, f"bad Inference-Header-Content-Length {header_length!r}")
-        split = int(header_length)
-        head, binary = body[:split], body[split:]
-    else:
-        head, binary = body, b""
-    try:
-        doc = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _HttpError(400, f"malformed JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise _HttpError(400, "the request must be a JSON object")
-    return doc, binary
-
-
-def _decode_inputs(doc: dict[str, Any], binary: bytes) -> dict[str, np.ndarray]:
-    items = doc.get("inputs")
-    if not isinstance(items, list) or not items:
-        raise _HttpError(400, "'inputs' must be a non-empty list")
-    arrays: dict[str, np.ndarray] = {}
-    pos = 0
-    for item in items:
-        if not isinstance(item, dict):
-            raise _HttpError(400, "each input must be an object")
-        name, shape, datatype = item.get("name"), item.get("shape"), item.get("datatype")
-        if not isinstance(name, str) or not name:
-            raise _HttpError(400, "each input needs a 'name'")
-        if name in arrays:
-            raise _HttpError(400, f"input {name!r} is given twice")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise _HttpError(
-                400, f"input {name!r}: 'shape' must be a list of non-negative integers"
-            )
-        dtype = _FROM_V2.get(datatype) if isinstance(datatype, str) else None
-        if dtype is None:
-            raise _HttpError(
-                400,
-                f"input {name!r}: unsupported datatype {datatype!r}; use one of {sorted(_FROM_V2)}",
-            )
-        count = math.prod(shape)
-        if count > _MAX_ELEMENTS:
-            raise _HttpError(413, f"input {name!r} has {count} elements; at most {_MAX_ELEMENTS}")
-        params = item.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise _HttpError(400, f"input {name!r}: 'parameters' must be an object")
-        size = params.get("binary_data_size")
-        if size is not None:
-            if type(size) is not int or size < 0 or pos + size > len(binary):
-                raise _HttpError(400, f"input {name!r}: binary_data_size does not fit the body")
-            raw = binary[pos : pos + size]
-            pos += size
-            if size != count * dtype.itemsize:
-                raise _HttpError(
-                    400,
-                    f"input {name!r}: {size} binary bytes do not fit shape {shape} of {datatype}",
-                )
-            array = (
-                np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
-                .astype(dtype, copy=False)
-                .reshape(shape)
-            )
-        else:
-            data = item.get("data")
-            if not isinstance(data, list):
-                raise _HttpError(400, f"input {name!r}: 'data' must be a list")
+    def _read_chunked(self, limit: int) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            line = self.rfile.readline(1024).split(b";", 1)[0].strip()
             try:
-                array = np.asarray(data, dtype=dtype)
-            except (ValueError, TypeError, OverflowError) as exc:
-                raise _HttpError(400, f"input {name!r}: data is not {datatype}: {exc}") from None
-            if array.size != count:
-                raise _HttpError(
-                    400, f"input {name!r}: {array.size} values do not fit shape {shape}"
-                )
-            array = array.reshape(shape)
-        arrays[name] = array
-    return arrays
+                length = int(line, 16)
+            except ValueError:
+                self.close_connection = True
+                raise HttpError(400, "malformed chunked body") from None
+            if length == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(chunks)
+            size += length
+            if size > limit:
+                self.close_connection = True
+                raise HttpError(413, f"request body is over the limit of {limit} bytes")
+            chunks.append(self.rfile.read(length))
+            self.rfile.readline(1024)
 
-
-def _requested_outputs(doc: dict[str, Any], available: tuple[str, ...]) -> list[tuple[str, bool]]:
-    params = doc.get("parameters") or {}
-    all_binary = bool(isinstance(params, dict) and params.get("binary_data_output"))
-    wanted = doc.get("outputs")
-    if wanted is None:
-        return [(n, all_binary) for n in available]
-    if not isinstance(wanted, list):
-        raise _HttpError(400, "'outputs' must be a list")
-    result = []
-    for item in wanted:
-        name = item.get("name") if isinstance(item, dict) else None
-        if name not in available:
-            raise _HttpError(400, f"unknown output {name!r}; the model has {list(available)}")
-        p = item.get("parameters") or {}
-        result.append((name, bool(isinstance(p, dict) and p.get("binary_data", all_binary))))
-    return result
-
-
-def build_app(agent: Agent, config: HttpConfig) -> Starlette:
-    """The v2 API over one agent."""
-
-    async def live(_request: Request) -> Response:
-        return JSONResponse({"live": True})
-
-    async def ready(_request: Request) -> Response:
-        ok = bool(agent.models())
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
-
-    async def server_metadata(_request: Request) -> Response:
-        return JSONResponse(
-            {"name": "fogline-edge", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
-        )
-
-    def _model(request: Request) -> Any:
-        loaded = agent.model(request.path_params["name"])
-        version = request.path_params.get("version")
-        if version is not None and version != str(loaded.version):
-            raise UnknownModelError(
-                f"model {loaded.name!r} serves version {loaded.version}, not {version}"
+    def _serve(self) -> None:
+        self._body_read = False
+        path = unquote(self.path.split("?", 1)[0])
+        try:
+            status, body, ctype, headers = self.server.api.route(self, self.command, path)
+        except HttpError as exc:
+            status, body, ctype, headers = json_reply({"error": exc.message}, exc.status)
+        except FoglineError as exc:
+            code, extra = status_of(exc)
+            status, body, ctype, headers = json_reply({"error": exc.message}, code, extra)
+        except Exception as exc:
+            log.exception("unexpected error serving %s", path)
+            status, body, ctype, headers = json_reply(
+                {"error": f"internal error: {type(exc).__name__}"}, 500
             )
-        return loaded
+        if not self._body_read:
+            self._discard_body()
+        self._write(status, body, ctype, headers)
 
-    async def model_metadata(request: Request) -> Response:
-        loaded = _model(request)
-        return JSONResponse(
-            {
-                "name": loaded.name,
-                "versions": [str(loaded.version)],
-                "platform": "onnxruntime_onnx",
-                "inputs": [_spec_json(s) for s in loaded.inputs],
-                "outputs": [_spec_json(s) for s in loaded.outputs],
-            }
-        )
-
-    async def model_ready(request: Request) -> Response:
-        loaded = _model(request)
-        return JSONResponse({"name": loaded.name, "ready": True})
-
-    async def infer(request: Request) -> Response:
-        loaded = _model(request)
-        body = await _read_body(request, config.max_body_bytes)
-        doc, binary = _parse_request(body, request.headers.get(_HEADER_LENGTH))
-        inputs = _decode_inputs(doc, binary)
-        wanted = _requested_outputs(doc, loaded.output_names)
-        params = doc.get("parameters") or {}
-        budget = params.get("budget_ms") if isinstance(params, dict) else None
-        if budget is not None and (
-            isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0
+    def _discard_body(self) -> None:
+        """Keep the connection in step when a route answered without reading a body."""
+        declared = self.headers.get("content-length", "0")
+        if "chunked" in self.headers.get("transfer-encoding", "").lower() or not (
+            declared.isdigit() and int(declared) <= self.server.api.config.max_body_bytes
         ):
-            raise _HttpError(400, "parameters.budget_ms must be a positive number")
-        result = await run_in_threadpool(agent.infer, loaded.name, inputs, budget)
-        return _respond(doc, result, wanted)
+            self.close_connection = True
+        elif declared != "0":
+            self.rfile.read(int(declared))
 
-    async def on_error(request: Request, exc: Exception) -> Response:
-        if isinstance(exc, _HttpError):
-            return _error(exc.status, exc.message)
-        if isinstance(exc, FoglineError):
-            status, headers = _status_of(exc)
-            return _error(status, exc.message, headers)
-        log.exception("unexpected error serving %s", request.url.path)
-        return _error(500, f"internal error: {type(exc).__name__}")
+    def _write(self, status: int, body: bytes, ctype: str, headers: dict[str, str] | None) -> None:
+        lines = [
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+            f"content-type: {ctype}",
+            f"content-length: {len(body)}",
+        ]
+        lines.extend(f"{k}: {v}" for k, v in (headers or {}).items())
+        if self.close_connection:
+            lines.append("connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head if self.command == "HEAD" else head + body)
 
-    routes = [
-        Route("/v2", server_metadata),
-        Route("/v2/health/live", live),
-        Route("/v2/health/ready", ready),
-        Route("/v2/models/{name}", model_metadata),
-        Route("/v2/models/{name}/ready", model_ready),
-        Route("/v2/models/{name}/infer", infer, methods=["POST"]),
-        Route("/v2/models/{name}/versions/{version}", model_metadata),
-        Route("/v2/models/{name}/versions/{version}/ready", model_ready),
-        Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
-    ]
-    # Expected errors get their own handlers: Starlette re-raises whatever reaches the
-    # catch-all ``Exception`` handler after answering, and uvicorn then drops the
-    # keep-alive connection and logs a traceback.
-    handlers: dict[Any, Any] = {_HttpError: on_error, FoglineError: on_error, Exception: on_error}
-    return Starlette(routes=routes, exception_handlers=handlers)
+    do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _serve  # noqa: N815
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s: " + format, self.address_string(), *args)
 
 
-def _respond(doc: dict[str, Any], result: Any, wanted: list[tuple[str, bool]]) -> Response:
-    outputs = []
-    blobs: list[bytes] = []
-    for name, as_binary in wanted:
-        array = np.ascontiguousarray(result.outputs[name])
-        entry: dict[str, Any] = {
-            "name": name,
-            "datatype": _TO_V2.get(array.dtype.name, "FP32"),
-            "shape": list(array.shape),
-        }
-        if as_binary:
-            raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            blobs.append(raw)
-        else:
-            entry["data"] = array.ravel().tolist()
-        outputs.append(entry)
-    parameters: dict[str, Any] = {
-        "where": result.where,
-        "latency_ms": result.latency_ms,
-        "late": result.late,
-    }
-    if result.met_budget is not None:
-        parameters["met_budget"] = result.met_budget
-    body: dict[str, Any] = {
-        "model_name": result.model,
-        "model_version": str(result.version),
-        "outputs": outputs,
-        "parameters": parameters,
-    }
-    if isinstance(doc.get("id"), str):
-        body["id"] = doc["id"]
-    head = json.dumps(body, separators=(",", ":")).encode()
-    if not blobs:
-        return Response(head, media_type="application/json")
-    return Response(
-        head + b"".join(blobs),
-        media_type="application/octet-stream",
-        headers={"Inference-Header-Content-Length": str(len(head))},
-    )
+class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """A thread per connection; :meth:`close` ends the connections and joins them."""
+
+    allow_reuse_address = True
+    request_queue_size = 128
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, family: socket.AddressFamily, api: V2Api) -> None:
+        self.address_family = family
+        self.api = api
+        self._lock = threading.Lock()
+        self._live: dict[threading.Thread, socket.socket] = {}
+        super().__init__((api.config.host, api.config.port), _Handler, bind_and_activate=False)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        thread = threading.Thread(
+            target=self._connection,
+            args=(request, client_address),
+            name="fogline-http-conn",
+            daemon=True,
+        )
+        with self._lock:
+            self._live[thread] = request
+        thread.start()
+
+    def _connection(self, request: Any, client_address: Any) -> None:
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            with self._lock:
+                self._live.pop(threading.current_thread(), None)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client hanging up mid-reply is routine, not a traceback on stderr.
+        log.debug("connection from %s failed", client_address, exc_info=True)
+
+    def close(self) -> None:
+        self.server_close()
+        with self._lock:
+            live = list(self._live.items())
+        for _thread, sock in live:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked on recv
+        for thread, _sock in live:
+            thread.join(timeout=_JOIN_TIMEOUT_S)
 
 
 class HttpServer:
-    """uvicorn on a thread, bound before it starts so ``port = 0`` is known at once."""
+    """The API on a thread, bound before it starts so ``port = 0`` is known at once."""
 
     def __init__(self, agent: Agent, config: HttpConfig) -> None:
         self._config = config
-        self._app = build_app(agent, config)
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-        # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted sockets only
-        # when the listener says TCP; without it Nagle and delayed ACKs add ~40 ms to
-        # every keep-alive request.
-        self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server = _Server(family, V2Api(agent, config))
         try:
-            self._socket.bind((config.host, config.port))
+            self._server.server_bind()
+            self._server.server_activate()
         except OSError as exc:
-            self._socket.close()
-            from fogline.protocol import ConfigError
-
+            self._server.server_close()
             raise ConfigError(
                 f"config field 'http.port': cannot bind {config.host}:{config.port}: {exc}"
             ) from None
-        self.port = int(self._socket.getsockname()[1])
-        self._server = uvicorn.Server(
-            uvicorn.Config(
-                self._app,
-                log_level="warning",
-                access_log=False,
-                lifespan="off",
-                timeout_graceful_shutdown=2,
-                loop="asyncio",
-            )
-        )
+        self.port = int(self._server.server_address[1])
         self._thread: threading.Thread | None = None
 
     @property
@@ -365,20 +213,18 @@ class HttpServer:
             host = "127.0.0.1"
         return f"http://{host}:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> None:
+    def start(self) -> None:
         self._thread = threading.Thread(
-            target=self._server.run,
-            kwargs={"sockets": [self._socket]},
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.5},
             name="fogline-http",
             daemon=True,
         )
         self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started and self._thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.005)
 
     def stop(self) -> None:
-        self._server.should_exit = True
         if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._socket.close()
+            self._server.shutdown()  # returns once serve_forever has
+            self._thread.join(timeout=_JOIN_TIMEOUT_S)
+            self._thread = None
+        self._server.close()
