@@ -195,7 +195,8 @@ def report_table(report: Mapping[str, Any], truth: FleetReport) -> Table:
     t.add_row(
         f"update v{upd['from_version']} → v{upd['to_version']}",
         f"served by all {upd['devices']} devices with a local model in "
-        f"{upd['fleet_converged_s']:.2f}s (monitor saw it in {upd['monitor_converged_s']:.2f}s)"
+        f"{upd['fleet_converged_s']:.2f}s (monitor saw it in {upd['monitor_converged_s']:.2f}s; "
+        f"cloud inference in {_secs(upd.get('cloud_serving_s'))})"
         if upd["fleet_converged_s"] is not None
         else "[red]did not reach the whole fleet[/red]",
     )
@@ -211,6 +212,10 @@ def report_table(report: Mapping[str, Any], truth: FleetReport) -> Table:
     times = report["timings_s"]
     t.add_row("time", ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     return t
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
 
 
 def _profiles(counts: Mapping[str, int]) -> str:

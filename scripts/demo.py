@@ -34,6 +34,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -49,10 +50,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the _demo_* helpers
 
-from _demo_cloud import DemoCloud
 from _demo_view import Check, checks_table, gate_table, live_view, report_table
 
 from fogline.cloud import (
+    CloudSettings,
     PipelineResult,
     Registry,
     load_settings,
@@ -60,6 +61,8 @@ from fogline.cloud import (
     publish_release,
     run_pipeline,
 )
+from fogline.cloud.fleet import FleetSettings, SqliteFleetStore, summarize
+from fogline.cloud.serving import CloudServices, start_cloud_services
 from fogline.firmware_sim import (
     FleetReport,
     LognormalBudget,
@@ -150,7 +153,7 @@ def train(
     version_label: str,
     epochs: int,
     seed: int,
-    settings: Any,
+    settings: CloudSettings,
     registry: Registry,
     console: Console,
     *,
@@ -167,6 +170,13 @@ def train(
         console=console,
         repeats=30,  # enough for a stable median on a tiny CNN
     )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, poll_s: float = 0.05) -> float | None:
@@ -186,16 +196,18 @@ class Demo:
         self.console = console
         self.run = Run()
         self.phase = "starting"
-        self.cloud: DemoCloud | None = None
+        self.cloud: CloudServices | None = None
         self.fleet: SimulatedFleet | None = None
         self.truth: FleetReport | None = None
 
     # -- the live panel (redrawn by rich's refresh thread while the main thread works) ----
-    def render(self) -> Any:
-        assert self.cloud is not None
-        devices = self.cloud.store.devices()
-        from fogline.cloud.fleet import summarize
+    @property
+    def store(self) -> SqliteFleetStore:
+        assert self.cloud is not None and self.cloud.fleet_store is not None
+        return self.cloud.fleet_store
 
+    def render(self) -> Any:
+        devices = self.store.devices()
         return live_view(
             self.phase, time.monotonic() - self.run.started, summarize(devices), devices
         )
@@ -236,7 +248,12 @@ class Demo:
         self.say(f"Ray: {where}")
 
         # 4. train, export, quantize, gate (v1)
-        settings = load_settings(data_dir=data_dir, broker_url=broker.url)
+        settings = load_settings(
+            data_dir=data_dir,
+            broker_url=broker.url,
+            # one small replica: the 2 cores also run the fleet (and training v2)
+            serve={"deployment": {"num_replicas": 1, "num_cpus": 0.25}},
+        )
         registry = Registry(settings.data_dir)
         t = time.monotonic()
         self.say(f"training [bold]{MODEL}[/bold] on Ray Train ({args.epochs} epochs)")
@@ -256,18 +273,24 @@ class Demo:
         publish_release(registry, MODEL, v1.record.version, transport, key, scope="fleet")
         self.say(f"published [bold]{v1.record.ref}[/bold] to the fleet (signed {key.key_id})")
         t = time.monotonic()
-        self.cloud = DemoCloud(
+        port = free_port()
+        self.cloud = start_cloud_services(
+            settings,
             transport,
-            registry,
-            settings.data_dir,
-            settings.topics,
-            heartbeat_interval_s=HEARTBEAT_S,
+            serve_models=[MODEL],  # the newest published version, followed on releases
+            fleet=True,
+            metrics_port=port,
+            fleet_settings=FleetSettings(
+                data_dir=settings.data_dir, heartbeat_interval_s=HEARTBEAT_S
+            ),
         )
         stack.callback(self.cloud.close)
-        self.cloud.start()
-        self.cloud.serve(v1.record)
         run.lap("cloud_services", t)
-        self.say("cloud services up: artifact service, Ray Serve + MQTT bridge, fleet monitor")
+        self.say(
+            "cloud services up: artifact service, Ray Serve + MQTT bridge (serving "
+            f"v{self.cloud.served_versions().get(MODEL)}), fleet monitor "
+            f"(web page and metrics at {self.cloud.metrics_url})"
+        )
 
         # 6. the simulated fleet
         t = time.monotonic()
@@ -298,6 +321,7 @@ class Demo:
         # 7-9. traffic, live panel, update, kill
         with Live(get_renderable=self.render, console=console, refresh_per_second=4):
             self.traffic_update_kill(registry, transport, key, settings, assigned, v1)
+        console.print()
         return self.report(broker.url, broker.kind, where)
 
     def traffic_update_kill(
@@ -305,7 +329,7 @@ class Demo:
         registry: Registry,
         transport: MqttTransport,
         key: Any,
-        settings: Any,
+        settings: CloudSettings,
         assigned: set[str],
         v1: PipelineResult,
     ) -> None:
@@ -349,7 +373,7 @@ class Demo:
             )
 
         def monitor_done() -> bool:
-            records = {r.device_id: r for r in cloud.store.devices()}
+            records = {r.device_id: r for r in self.store.devices()}
             return all(
                 (r := records.get(d)) is not None
                 and r.heartbeat is not None
@@ -379,9 +403,13 @@ class Demo:
             "fleet_converged_s": fleet_s,
             "monitor_converged_s": monitor_s,
         }
-        self.phase = f"serving v{new}; cloud inference redeploying v{new}"
-        cloud.serve(v2.record)
-        self.say(f"cloud inference (Ray Serve) now serves v{new}")
+        # The cloud's release follower redeploys Serve on the new (signed) release.
+        self.phase = f"serving v{new}; cloud inference following to v{new}"
+        cloud_s = wait_until(lambda: cloud.served_versions().get(MODEL) == new, 60.0)
+        if cloud_s is not None:
+            cloud_s = time.monotonic() - published
+            self.say(f"cloud inference (Ray Serve) serves v{new} {cloud_s:.1f}s after publishing")
+        run.update["cloud_serving_s"] = cloud_s
 
         # Kill one device with a local model: its link is cut, the broker publishes its
         # last will, and the monitor marks it offline.
@@ -390,17 +418,17 @@ class Demo:
             self.phase = f"killing {victim}"
             killed = time.monotonic()
             fleet.inject("kill", victim)
-            seen = wait_until(lambda: not cloud.store.device(victim).online, 15.0)
+            seen = wait_until(lambda: not self.store.device(victim).online, 15.0)
             if seen is not None:
                 seen = time.monotonic() - killed
                 self.say(
                     f"killed {victim}: the fleet monitor marked it offline in {seen:.2f}s "
-                    f"({cloud.store.device(victim).status_reason})"
+                    f"({self.store.device(victim).status_reason})"
                 )
             run.kill = {
                 "device_id": victim,
                 "monitor_offline_after_s": seen,
-                "reason": cloud.store.device(victim).status_reason,
+                "reason": self.store.device(victim).status_reason,
             }
             self.phase = f"{victim} killed {time.monotonic() - killed:.0f}s ago"
 
@@ -416,15 +444,16 @@ class Demo:
         # Every running agent reports once more after the last request; then the
         # monitor has written everything it received.
         time.sleep(2 * HEARTBEAT_S + 0.5)
-        cloud.monitor.flush(10.0)
+        if cloud.monitor is not None:
+            cloud.monitor.flush(10.0)
         self.phase = "done"
 
     def report(self, broker_url: str, broker_kind: str, ray_where: str) -> dict[str, Any]:
         fleet, cloud, run = self.fleet, self.cloud, self.run
         assert fleet is not None and cloud is not None
         truth = self.truth = fleet.report()
-        records = {d.device_id: d for d in cloud.store.devices()}
-        summary = cloud.summary()
+        records = {d.device_id: d for d in self.store.devices()}
+        summary = summarize(list(records.values()))
         online = [d for d in records.values() if d.online]
 
         def versions(pairs: list[dict[str, int]]) -> dict[str, dict[str, int]]:
