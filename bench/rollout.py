@@ -31,6 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from fogline.cloud import ArtifactService, ArtifactStore
 from fogline.firmware_sim import SimulatedFleet
 from fogline.protocol import (
+    MAX_CHUNK_SIZE,
     DesiredModel,
     DesiredState,
     MosquittoBroker,
@@ -47,7 +48,7 @@ from fogline.protocol import (
 )
 
 MODEL = "bench-model"
-CHUNK = 256 * 1024
+CHUNK = MAX_CHUNK_SIZE  # 1 MiB: two requests for the ~1.2 MB artifact
 
 
 def build_model(hidden: int = 4096, seed: int = 0) -> bytes:

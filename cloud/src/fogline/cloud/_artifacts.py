@@ -4,6 +4,13 @@ It subscribes to every ``artifacts/{sha256}/get`` topic (through a shared subscr
 when it runs as several replicas), and replies on the request's ``reply_to`` with
 :class:`ArtifactChunk` messages, each carrying its own sha256. It never pushes unasked.
 Requests are handed to a small thread pool so the MQTT network thread stays free.
+
+During a rollout every device asks for the same few chunks, so the service keeps
+recently served artifacts in memory (bounded, least recently used first out; each is
+checked against its sha256 once when loaded) together with each chunk's hash: a request
+costs no disk read and no hashing. Chunk replies go out at QoS 0: the device verifies
+every chunk and re-requests any that does not arrive, so broker acknowledgements would
+only add round trips. Error replies stay at QoS 1.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,6 +27,7 @@ import msgpack
 from fogline.protocol import (
     MAX_CHUNK_SIZE,
     ArtifactChunk,
+    ArtifactError,
     ChunkRequest,
     DecodeError,
     ErrorReply,
@@ -37,6 +46,51 @@ __all__ = ["ArtifactService"]
 
 log = logging.getLogger("fogline.cloud.artifacts")
 
+_CACHE_BYTES = 256 * 1024 * 1024
+
+
+class _ArtifactCache:
+    """Whole artifacts in memory, verified once, plus the hash of every piece served."""
+
+    def __init__(self, store: ArtifactStore, max_bytes: int) -> None:
+        self._store = store
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._data: OrderedDict[str, bytes] = OrderedDict()
+        self._hashes: dict[tuple[str, int, int], str] = {}
+        self._bytes = 0
+
+    def get(self, sha256: str) -> bytes:
+        """The artifact's bytes; :class:`ArtifactError` if missing or corrupt."""
+        with self._lock:
+            data = self._data.get(sha256)
+            if data is not None:
+                self._data.move_to_end(sha256)
+                return data
+            # Loading under the lock: a rollout's first requests all want the same
+            # artifact, and one read beats N concurrent ones.
+            data = self._store.read(sha256)
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise ArtifactError(f"artifact {sha256} is corrupt in the store")
+            if len(data) <= self._max_bytes:
+                self._data[sha256] = data
+                self._bytes += len(data)
+                while self._bytes > self._max_bytes:
+                    old_sha, old = self._data.popitem(last=False)
+                    self._bytes -= len(old)
+                    self._hashes = {k: v for k, v in self._hashes.items() if k[0] != old_sha}
+            return data
+
+    def piece_hash(self, sha256: str, offset: int, piece: bytes) -> str:
+        key = (sha256, offset, len(piece))
+        digest = self._hashes.get(key)
+        if digest is None:
+            digest = hashlib.sha256(piece).hexdigest()
+            with self._lock:
+                if sha256 in self._data:  # never grow the table for an evicted artifact
+                    self._hashes[key] = digest
+        return digest
+
 
 class ArtifactService:
     """Serve artifacts over MQTT. ``start()`` subscribes; ``close()`` stops serving."""
@@ -50,6 +104,7 @@ class ArtifactService:
         share_group: str | None = None,
         max_reply_bytes: int = MAX_CHUNK_SIZE,
         workers: int = 4,
+        cache_bytes: int = _CACHE_BYTES,
     ) -> None:
         if not 0 < max_reply_bytes <= MAX_CHUNK_SIZE:
             raise ValueError(f"max_reply_bytes must be in 1..{MAX_CHUNK_SIZE}")
@@ -61,6 +116,7 @@ class ArtifactService:
         if share_group:
             self._filter = f"$share/{share_group}/{self._filter}"
         self._workers = workers
+        self._cache = _ArtifactCache(store, cache_bytes)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self.chunks_served = 0
@@ -140,22 +196,27 @@ class ArtifactService:
             )
             return
         try:
-            total = self.store.size(request.sha256)
-            data = self.store.read(request.sha256, request.offset, request.length)
+            artifact = self._cache.get(request.sha256)
         except FoglineError as exc:
             self._error(request.reply_to, request.correlation_id, exc.code, exc.message)
             return
-        for start in range(0, len(data), self.max_reply_bytes):
-            piece = data[start : start + self.max_reply_bytes]
+        total = len(artifact)
+        if request.offset >= total:
+            message = f"offset {request.offset} is outside artifact {request.sha256} ({total} B)"
+            self._error(request.reply_to, request.correlation_id, ArtifactError.code, message)
+            return
+        end = min(request.offset + request.length, total)
+        for start in range(request.offset, end, self.max_reply_bytes):
+            piece = artifact[start : min(start + self.max_reply_bytes, end)]
             chunk = ArtifactChunk(
                 correlation_id=request.correlation_id,
                 sha256=request.sha256,
-                offset=request.offset + start,
+                offset=start,
                 total_size=total,
-                chunk_sha256=hashlib.sha256(piece).hexdigest(),
+                chunk_sha256=self._cache.piece_hash(request.sha256, start, piece),
                 data=piece,
             )
-            self.transport.publish(request.reply_to, encode(chunk), qos=1)
+            self.transport.publish(request.reply_to, encode(chunk), qos=0)
             self._count("chunks_served")
 
     def _reject_malformed(self, msg: MqttMessage, exc: DecodeError) -> None:

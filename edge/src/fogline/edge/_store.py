@@ -6,8 +6,16 @@
     downloads/<sha>.chunks            indices of verified chunks, one per line
 
 Every write that matters is atomic: temp file, fsync, rename, fsync of the directory.
-A chunk index is appended only after its bytes are synced, so after a crash the record
-never claims a chunk that is not on disk; a restart re-requests only missing chunks.
+A chunk index is appended only after its bytes are synced (``fdatasync``), so after a
+crash the record never claims a chunk that is not on disk; a restart re-requests only
+missing chunks. The record itself is not synced: losing its tail only means fetching
+those chunks again, and a torn last line (no newline) is ignored. Likewise the
+``.meta`` file: without it the partial download is started over. The whole-file hash
+checked before install backs all of this up.
+
+A partial download holds no file descriptor between writes: with a fleet of agents in
+one process every descriptor counts (paho-mqtt's ``select()`` loop cannot use
+descriptor numbers of 1024 and above).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from fogline.protocol import ArtifactError, TensorSpec
 
@@ -91,27 +99,25 @@ class PartialArtifact:
         self.record = directory / f"{sha256}.chunks"
         self._meta = directory / f"{sha256}.meta"
         self.done: set[int] = set()
-        self._fd = -1
-        self._rec: TextIO | None = None
-        self._open(directory)
+        self._closed = False
+        self._open()
 
-    def _open(self, directory: Path) -> None:
+    def _open(self) -> None:
         meta = {"size": self.size, "chunk_size": self.chunk_size}
-        if self._meta.exists():
-            try:
-                same = json.loads(self._meta.read_text()) == meta
-            except (OSError, ValueError):
-                same = False
-            if not same:  # another chunking: start over
-                self.discard()
-        if not self._meta.exists():
-            atomic_write(self._meta, json.dumps(meta).encode())
-        if self.record.exists():
-            for line in self.record.read_text().split():
+        try:
+            same = json.loads(self._meta.read_text()) == meta
+        except (OSError, ValueError):
+            same = False
+        if not same:  # another chunking, or the meta file was lost: start over
+            for p in (self.path, self.record):
+                p.unlink(missing_ok=True)
+            atomic_write(self._meta, json.dumps(meta).encode(), durable=False)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            # Only complete lines: a crash may leave a torn last one.
+            for line in self.record.read_text().split("\n")[:-1]:
                 if line.isdigit() and int(line) < self.count:
                     self.done.add(int(line))
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        self._rec = open(self.record, "a")  # noqa: SIM115 - closed in close()
 
     @property
     def missing(self) -> list[int]:
@@ -122,29 +128,26 @@ class PartialArtifact:
         return offset, min(self.chunk_size, self.size - offset)
 
     def write(self, index: int, data: bytes) -> None:
+        """Write a verified chunk, sync it, then record it."""
         offset, length = self.span(index)
         if len(data) != length:
             raise ArtifactError(f"chunk {index} is {len(data)} bytes; expected {length}")
-        if self._rec is None or self._fd < 0:
+        if self._closed:
             raise ArtifactError(f"partial artifact {self.sha256[:12]} is closed")
-        os.pwrite(self._fd, data, offset)
-        os.fdatasync(self._fd)
-        self._rec.write(f"{index}\n")
-        self._rec.flush()
-        os.fsync(self._rec.fileno())
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, data, offset)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        with open(self.record, "a") as rec:
+            rec.write(f"{index}\n")
         self.done.add(index)
 
     def close(self) -> None:
-        """Idempotent: a second close must never hit a descriptor number that another
-        agent in the same process has been given since."""
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        rec, self._rec = self._rec, None
-        if rec is not None:
-            with contextlib.suppress(OSError):
-                rec.close()
+        """Idempotent; later writes raise :class:`ArtifactError`. No descriptor is held
+        between writes, so a second close can never touch another agent's file."""
+        self._closed = True
 
     def discard(self) -> None:
         """Forget every chunk (e.g. after a whole-file hash mismatch)."""

@@ -42,7 +42,6 @@ from fogline.protocol import (
 
 from ._control import ControlServer
 from ._device import SimDevice, SlowSessionCache
-from ._edge_compat import guard_partial_artifact_double_close
 from ._faults import FaultInjector
 from ._ledger import FaultReport, FleetReport, Ledger
 from ._link import LinkEmulator
@@ -196,7 +195,6 @@ class SimulatedFleet:
     def _start(self, progress: ProgressFn | None) -> None:
         cfg = self.config
         cfg.data_root.mkdir(parents=True, exist_ok=True)
-        guard_partial_artifact_double_close()
         digits_dataset()  # load it now, not in the traffic scheduler's first arrival
         self._started_at = time.monotonic()
         if cfg.link_emulation:
