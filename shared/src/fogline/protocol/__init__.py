@@ -4,15 +4,9 @@ transport and development brokers.
 Everything public is re-exported here; the private modules may change.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._codec import DEFAULT_MAX_PAYLOAD, Envelope, canonical_bytes, decode, decode_envelope, encode
-from ._devbroker import (
-    BrokerInfo,
-    EmbeddedBroker,
-    MosquittoBroker,
-    broker_answers,
-    development_broker,
-    free_port,
-)
 from ._errors import (
     ArtifactError,
     BrokerUnavailableError,
@@ -78,6 +72,38 @@ from ._signing import (
 from ._tensors import DTYPES, MAX_TENSOR_BYTES, MAX_TENSOR_ELEMENTS, DType, Tensor
 from ._topics import DEFAULT_PREFIX, ParsedTopic, Topics
 from ._transport import MqttMessage, MqttTransport
+
+if TYPE_CHECKING:
+    from ._devbroker import BrokerInfo, MosquittoBroker, development_broker
+    from ._embedded_broker import EmbeddedBroker
+    from ._probes import broker_answers, free_port
+
+# Development brokers (asyncio, amqtt, subprocess) load on first use: an edge agent never
+# needs them, and importing them costs it memory and start-up time.
+_LAZY = {
+    "BrokerInfo": "._devbroker",
+    "MosquittoBroker": "._devbroker",
+    "development_broker": "._devbroker",
+    "EmbeddedBroker": "._embedded_broker",
+    "broker_answers": "._probes",
+    "free_port": "._probes",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD",

@@ -12,14 +12,20 @@ import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from ._codec import canonical_bytes
 from ._errors import ConfigError, SignatureError
 from ._messages import DesiredState, ReleaseManifest, SignedDesiredState, SignedRelease
+
+# ``cryptography`` (~7 MB resident: its Rust extension and a bundled OpenSSL) loads on
+# the first signature made or checked: an agent that only serves installed models never
+# needs it.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 __all__ = [
     "PublicKey",
@@ -40,10 +46,9 @@ class PublicKey:
     def __init__(self, raw: bytes) -> None:
         if not isinstance(raw, bytes) or len(raw) != 32:
             raise SignatureError("an ed25519 public key is 32 bytes")
-        try:
-            self._key = Ed25519PublicKey.from_public_bytes(raw)
-        except ValueError as exc:
-            raise SignatureError(f"not an ed25519 public key: {exc}") from None
+        # Any 32 bytes make an ed25519 public key (cryptography checks only the length),
+        # so the key object can wait for the first verification.
+        self._key: Ed25519PublicKey | None = None
         self.raw = raw
         self.key_id = hashlib.sha256(raw).hexdigest()[:16]
 
@@ -63,6 +68,14 @@ class PublicKey:
         return _TEXT_PREFIX + base64.b64encode(self.raw).decode()
 
     def verify(self, signature: bytes, data: bytes) -> None:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        if self._key is None:
+            try:
+                self._key = Ed25519PublicKey.from_public_bytes(self.raw)
+            except ValueError as exc:
+                raise SignatureError(f"not an ed25519 public key: {exc}") from None
         try:
             self._key.verify(signature, data)
         except (InvalidSignature, TypeError):
@@ -82,6 +95,8 @@ class SigningKey:
     """An ed25519 private key."""
 
     def __init__(self, key: Ed25519PrivateKey) -> None:
+        from cryptography.hazmat.primitives import serialization
+
         self._key = key
         raw = key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
@@ -91,10 +106,16 @@ class SigningKey:
 
     @classmethod
     def generate(cls) -> SigningKey:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         return cls(Ed25519PrivateKey.generate())
 
     @classmethod
     def load(cls, path: Path) -> SigningKey:
+        from cryptography.exceptions import UnsupportedAlgorithm
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         try:
             pem = Path(path).read_bytes()
             key = serialization.load_pem_private_key(pem, password=None)
@@ -116,6 +137,8 @@ class SigningKey:
 
     def save(self, path: Path) -> None:
         """Write the key as PKCS#8 PEM, readable by the owner only."""
+        from cryptography.hazmat.primitives import serialization
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         pem = self._key.private_bytes(
