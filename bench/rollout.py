@@ -32,6 +32,7 @@ from fogline.cloud import ArtifactService, ArtifactStore
 from fogline.firmware_sim import SimulatedFleet
 from fogline.protocol import (
     MAX_CHUNK_SIZE,
+    ConfigError,
     DesiredModel,
     DesiredState,
     MosquittoBroker,
@@ -218,7 +219,11 @@ def main() -> None:
             store = ArtifactStore(root / "artifacts")
             for n in args.sizes:
                 floor = paho_floor(n, settings, artifact)
-                fogline = fogline_rollout(n, settings, artifact, store, root)
+                try:
+                    fogline = fogline_rollout(n, settings, artifact, store, root)
+                except ConfigError as exc:  # e.g. more agents than select() can watch
+                    print(f"N={n:4d}  not run: {exc}", flush=True)
+                    continue
                 rows.append((n, fogline, floor))
                 print(
                     f"N={n:4d}  fogline {fogline:7.2f}s  paho floor {floor:6.2f}s  "

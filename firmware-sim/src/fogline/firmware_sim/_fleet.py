@@ -57,6 +57,31 @@ log = logging.getLogger("fogline.firmware_sim.fleet")
 
 ProgressFn = Callable[[int, int], None]
 
+# paho-mqtt's network loop uses select(), which cannot watch a descriptor numbered
+# FD_SETSIZE (1024 on Linux) or higher: such a client fails every connect attempt
+# silently and retries forever. Each agent holds three sockets (its connection and
+# paho's wake-up pair) and three SQLite files (the telemetry outbox and its WAL).
+_FD_SETSIZE = 1024
+_FDS_PER_AGENT = 6
+_FD_MARGIN = 32  # downloads, reconnects, the status file, the link relay
+
+
+def check_descriptor_budget(devices: int) -> None:
+    """Raise :class:`ConfigError` if ``devices`` more agents cannot all get descriptor
+    numbers below FD_SETSIZE in this process (they would never connect)."""
+    try:
+        used = sum(1 for _ in Path("/proc/self/fd").iterdir())
+    except OSError:  # not Linux: nothing to measure
+        return
+    room = (_FD_SETSIZE - _FD_MARGIN - used) // _FDS_PER_AGENT
+    if devices > room:
+        raise ConfigError(
+            f"fleet: field 'devices': {devices} agents need about {devices * _FDS_PER_AGENT} "
+            f"file descriptors numbered below {_FD_SETSIZE} (paho-mqtt's select() loop "
+            f"cannot use higher ones), and this process already has {used} open: at most "
+            f"{max(room, 0)} agents fit; run more fleet processes"
+        )
+
 
 class FleetConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -194,6 +219,7 @@ class SimulatedFleet:
 
     def _start(self, progress: ProgressFn | None) -> None:
         cfg = self.config
+        check_descriptor_budget(len(self._agent_configs))
         cfg.data_root.mkdir(parents=True, exist_ok=True)
         digits_dataset()  # load it now, not in the traffic scheduler's first arrival
         self._started_at = time.monotonic()
