@@ -96,6 +96,13 @@ class LinkEmulator:
             asyncio.set_event_loop(loop)
             loop.call_soon(ready.set)
             loop.run_forever()
+            # Relay tasks still pending when the loop stops would be destroyed mid-run
+            # (asyncio logs "Task was destroyed but it is pending"): cancel and unwind them.
+            pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
 
         self._loop = loop
         self._thread = threading.Thread(target=run, name="fogline-sim-link", daemon=True)
