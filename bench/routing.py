@@ -2,11 +2,12 @@
 local-first, in the same run.
 
 Poisson arrivals at 0.5x, 1x, 2x and 4x the measured local capacity; every request has a
-50 ms budget. The local path is the agent's own admission control (``Admission``) in
-front of an ONNX Runtime session; the cloud path is the real one: ``CloudClient`` ->
-Mosquitto -> ``InferenceBridge`` -> Ray Serve (local Ray) -> ONNX Runtime, with about
-10 ms of one-way delay injected in each direction between edge and cloud. Decisions are
-made by ``fogline.edge`` ``Router`` exactly as the agent makes them.
+50 ms budget. Every request goes through the real ``Agent.infer`` (one slot, a queue of
+64, the model installed in its store): the agent's router decides, its local path is
+admission control in front of ONNX Runtime, its cloud path is the real one:
+``CloudClient`` -> Mosquitto (a generated config with TCP_NODELAY, never the system
+broker) -> ``InferenceBridge`` -> Ray Serve (local Ray) -> ONNX Runtime, with about
+10 ms of one-way delay injected in each direction between edge and cloud.
 
 Latency is measured from the scheduled arrival time, so queueing shows. A request the
 local queue refuses counts as a miss. Reported per load and policy: the share of
@@ -22,18 +23,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import heapq
 import json
 import logging
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 from rich.table import Table
@@ -45,15 +48,13 @@ from fogline.cloud.serving import (
     deploy_model,
     shutdown_serving,
 )
-from fogline.edge._breaker import CircuitBreaker
-from fogline.edge._capacity import Admission
-from fogline.edge._cloud_client import CloudClient
-from fogline.edge._routing import LocalResult, LocalState, Router, RoutingSettings
+from fogline.edge import Agent, InstalledModel, ModelStore, load_config
 from fogline.protocol import (
     FoglineError,
     MosquittoBroker,
     MqttSettings,
     MqttTransport,
+    TensorSpec,
     Topics,
 )
 
@@ -80,7 +81,8 @@ def build_cnn(channels: int = 64, layers: int = 6) -> bytes:
     nodes.append(helper.make_node("Flatten", ["pooled"], ["flat"]))
     nodes.append(helper.make_node("Softmax", ["flat"], ["probs"], axis=1))
     graph = helper.make_graph(
-        nodes, "cnn",
+        nodes,
+        "cnn",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 32, 32])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", channels])],
         initializer=inits,
@@ -142,35 +144,30 @@ class Row:
     refused: int
 
 
-class LocalPath:
-    """The agent's local path: admission control in front of one ORT session."""
-
-    def __init__(self, model: bytes, max_in_flight: int = 1, max_queue: int = 64) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        self.admission = Admission(max_in_flight, max_queue, 1000.0)
-
-    def run(self, x: np.ndarray, budget_ms: float) -> LocalResult:
-        self.admission.acquire(budget_ms)
-        began = time.perf_counter()
-        try:
-            (probs,) = self.session.run(["probs"], {"x": x})
-        finally:
-            ms = (time.perf_counter() - began) * 1000.0
-            self.admission.release(MODEL, ms, ms, True)
-        return LocalResult({"probs": probs}, version=1)
-
-    def state(self) -> LocalState:
-        a = self.admission
-        return LocalState(
-            queue_depth=a.waiting, in_flight=a.in_flight, concurrency=a.max_in_flight,
-            max_queue=a.max_queue, service_ms=a.service_estimate_ms(MODEL),
+def install(data_dir: Path, model: bytes) -> None:
+    """Put the model in the agent's store as if a release had installed it."""
+    store = ModelStore(data_dir)
+    digest = hashlib.sha256(model).hexdigest()
+    incoming = data_dir / "incoming.onnx"
+    incoming.write_bytes(model)
+    placed = store.place(MODEL, 1, digest, incoming, move=True)
+    specs_in = [TensorSpec(name="x", dtype="float32", shape=[-1, 8, 32, 32])]
+    specs_out = [TensorSpec(name="probs", dtype="float32", shape=[-1, 64])]
+    store.commit(
+        InstalledModel(
+            model=MODEL,
+            version=1,
+            sha256=digest,
+            file=placed.name,
+            inputs=[t.model_dump() for t in specs_in],
+            outputs=[t.model_dump() for t in specs_out],
         )
+    )
 
 
-def run_load(policy: str, rate: float, duration: float, local: LocalPath, router: Router,
-             x: np.ndarray, load: float) -> Row:
+def run_load(
+    policy: str, rate: float, duration: float, agent: Agent, x: np.ndarray, load: float
+) -> Row:
     rng = np.random.default_rng(int(rate * 1000) + len(policy))
     arrivals = np.cumsum(rng.exponential(1.0 / rate, size=int(rate * duration * 1.5) + 10))
     arrivals = arrivals[arrivals < duration]
@@ -183,9 +180,8 @@ def run_load(policy: str, rate: float, duration: float, local: LocalPath, router
     def one(t0: float) -> None:
         nonlocal refused
         try:
-            res = router.route(MODEL, {"x": x}, lambda: local.run(x, BUDGET_MS),
-                               local=local.state(), budget_ms=BUDGET_MS, policy=policy)
-            target = res.target
+            res = agent.infer(MODEL, {"x": x}, budget_ms=BUDGET_MS, policy=policy)
+            target = res.where
         except FoglineError as exc:
             target = "refused"
             with lock:
@@ -209,11 +205,15 @@ def run_load(policy: str, rate: float, duration: float, local: LocalPath, router
     lat = np.array(latencies)
     finite = lat[np.isfinite(lat)]
     return Row(
-        load=load, policy=policy, rate_rps=rate, requests=len(lat),
+        load=load,
+        policy=policy,
+        rate_rps=rate,
+        requests=len(lat),
         met_budget=float(np.mean(lat <= BUDGET_MS)) if lat.size else 0.0,
         p50_ms=float(np.percentile(finite, 50)) if finite.size else float("nan"),
         p99_ms=float(np.percentile(lat, 99)) if lat.size else float("nan"),
-        offload_ratio=targets.count("cloud") / max(1, len(targets)), refused=refused,
+        offload_ratio=targets.count("cloud") / max(1, len(targets)),
+        refused=refused,
     )
 
 
@@ -228,26 +228,23 @@ def main() -> None:
     onnx.checker.check_model(onnx.load_from_string(model))
     x = np.random.default_rng(1).normal(size=(1, 8, 32, 32)).astype(np.float32)
 
-    local = LocalPath(model)
-    for _ in range(20):
-        local.run(x, 1000.0)
-    service = float(np.median([_timed(lambda: local.run(x, 1000.0)) for _ in range(100)]))
-    capacity = 1000.0 / service * local.admission.max_in_flight
-    console.print(f"local service {service:.2f} ms -> capacity {capacity:.0f} req/s")
-
-    broker = MosquittoBroker()
+    broker = MosquittoBroker()  # generated config: set_tcp_nodelay true
     broker.start()
     settings = MqttSettings(url=broker.url)
     topics = Topics()
     transports: list[MqttTransport] = []
     rows: list[Row] = []
+    agent: Agent | None = None
+    tmp = tempfile.TemporaryDirectory(prefix="fogline-bench-routing-")
     try:
         import ray
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         deployed = deploy_model(
-            ServingSettings(model=MODEL, version=1, num_cpus=0.5, max_batch_size=16,
-                            batch_wait_timeout_ms=1.0), model,
+            ServingSettings(
+                model=MODEL, version=1, num_cpus=0.5, max_batch_size=16, batch_wait_timeout_ms=1.0
+            ),
+            model,
         )
         bridge_tx = DelayedTransport(settings, args.delay_ms / 1000.0)
         edge_tx = DelayedTransport(settings, args.delay_ms / 1000.0)
@@ -256,25 +253,52 @@ def main() -> None:
             t.connect()
         bridge = InferenceBridge(bridge_tx, {MODEL: ServedModel(1, deployed.handle)}, topics)
         bridge.start()
-        client = CloudClient(edge_tx, topics, "bench-edge", watch=[MODEL], probe_interval_s=0.2,
-                             breaker=CircuitBreaker(failure_threshold=20))
-        client.start()
-        for _ in range(20):
-            client.infer(MODEL, {"x": x}, timeout_s=5)
-        console.print(
-            f"cloud round trip {client.rtt_ms or 0:.1f} ms + service "
-            f"{client.service_ms(MODEL) or 0:.1f} ms (one-way delay {args.delay_ms:.0f} ms)"
+
+        data_dir = Path(tmp.name)
+        install(data_dir, model)
+        config = load_config(
+            env={},
+            device_id="bench-edge",
+            data_dir=str(data_dir),
+            models=[MODEL],
+            http={"enabled": False},
+            heartbeat_interval_s=5.0,
+            topic_prefix=topics.prefix,
+            capacity={"max_in_flight": 1, "max_queue": 64, "intra_op_threads": 1},
+            routing={"grace_ms": 10.0, "probe_interval_s": 0.2, "breaker_failures": 20},
         )
-        router = Router(RoutingSettings(grace_ms=10.0), client)
+        agent = Agent(config, transport=edge_tx)
+        agent.start()
+        for _ in range(20):
+            agent.infer(MODEL, {"x": x})
+        service = float(np.median([agent.infer(MODEL, {"x": x}).latency_ms for _ in range(100)]))
+        capacity = 1000.0 / service * config.capacity.max_in_flight
+        console.print(f"local service {service:.2f} ms -> capacity {capacity:.0f} req/s")
+        for _ in range(20):
+            agent.infer(MODEL, {"x": x}, budget_ms=5000, policy="cloud-only")
+        cloud = agent.cloud
+        assert cloud is not None
+        console.print(
+            f"cloud round trip {cloud.rtt_ms or 0:.1f} ms + service "
+            f"{cloud.service_ms(MODEL) or 0:.1f} ms (one-way delay {args.delay_ms:.0f} ms)"
+        )
         for load in LOADS:
             for policy in POLICIES:
-                row = run_load(policy, capacity * load, args.duration, local, router, x, load)
+                row = run_load(policy, capacity * load, args.duration, agent, x, load)
                 rows.append(row)
                 console.print(f"{load}x {policy}: met {row.met_budget:.3f}")
                 time.sleep(0.5)  # drain
-        client.close()
+        status = agent.status()
+        console.print(
+            f"agent: edge {status.edge_requests}, cloud {status.cloud_requests}, "
+            f"met {status.met_budget_ratio:.1%}, breaker {status.breaker_state}"
+        )
+        agent.stop()
+        agent = None
         bridge.close()
     finally:
+        if agent is not None:
+            agent.stop()
         for t in transports:
             t.close()
         try:
@@ -284,6 +308,7 @@ def main() -> None:
 
             ray.shutdown()
             broker.close()
+            tmp.cleanup()
     report(rows, service, capacity, args, console)
 
 
@@ -300,10 +325,18 @@ def report(rows: list[Row], service: float, capacity: float, args: Any, console:
         best = max(by["local-only"].met_budget, by["cloud-only"].met_budget)
         ratios[str(load)] = by["local-first"].met_budget / best if best else float("inf")
     if args.json:
-        print(json.dumps({"budget_ms": BUDGET_MS, "delay_ms": args.delay_ms,
-                          "local_service_ms": service, "local_capacity_rps": capacity,
-                          "rows": [asdict(r) for r in rows],
-                          "local_first_vs_best_baseline": ratios}))
+        print(
+            json.dumps(
+                {
+                    "budget_ms": BUDGET_MS,
+                    "delay_ms": args.delay_ms,
+                    "local_service_ms": service,
+                    "local_capacity_rps": capacity,
+                    "rows": [asdict(r) for r in rows],
+                    "local_first_vs_best_baseline": ratios,
+                }
+            )
+        )
         return
     title = f"Routing, budget {BUDGET_MS:.0f} ms, one-way delay {args.delay_ms:.0f} ms"
     table = Table(title=title)
@@ -311,9 +344,17 @@ def report(rows: list[Row], service: float, capacity: float, args: Any, console:
     for col in columns:
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(f"{r.load}x", r.policy, f"{r.rate_rps:.0f}", str(r.requests),
-                      f"{r.met_budget:.1%}", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}",
-                      f"{r.offload_ratio:.1%}", str(r.refused))
+        table.add_row(
+            f"{r.load}x",
+            r.policy,
+            f"{r.rate_rps:.0f}",
+            str(r.requests),
+            f"{r.met_budget:.1%}",
+            f"{r.p50_ms:.1f}",
+            f"{r.p99_ms:.1f}",
+            f"{r.offload_ratio:.1%}",
+            str(r.refused),
+        )
     console.print(table)
     for load, ratio in ratios.items():
         console.print(f"{load}x: local-first / best baseline met-budget ratio = {ratio:.2f}")
