@@ -201,7 +201,7 @@ def run_load(
                 time.sleep(delay)
             pool.submit(one, t0)
     if errors:
-        log.info("%s at %.1fx: errors %s", policy, load, errors)
+        log.warning("%s at %.1fx: errors %s", policy, load, errors)
     lat = np.array(latencies)
     finite = lat[np.isfinite(lat)]
     return Row(
@@ -224,6 +224,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     console = Console(stderr=args.json)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     model = build_cnn()
     onnx.checker.check_model(onnx.load_from_string(model))
     x = np.random.default_rng(1).normal(size=(1, 8, 32, 32)).astype(np.float32)
@@ -288,6 +289,9 @@ def main() -> None:
                 rows.append(row)
                 console.print(f"{load}x {policy}: met {row.met_budget:.3f}")
                 time.sleep(0.5)  # drain
+                # Each run starts from a closed breaker: one run's outage must not
+                # decide the next run's figures.
+                cloud.breaker.reset()
         status = agent.status()
         console.print(
             f"agent: edge {status.edge_requests}, cloud {status.cloud_requests}, "
