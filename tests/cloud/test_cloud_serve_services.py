@@ -7,6 +7,7 @@ models registered through :meth:`Registry.register`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -429,3 +430,61 @@ def test_cli_serve_model_answers_and_stops_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def session_processes(sid: int) -> list[str]:
+    """Processes still in session ``sid`` (ps: pid, session id, command)."""
+    out = subprocess.run(
+        ["ps", "-ww", "-eo", "pid=,sid=,args="], capture_output=True, text=True, check=True
+    ).stdout
+    rows = [line.split(None, 2) for line in out.splitlines() if line.strip()]
+    return [row[2] for row in rows if len(row) == 3 and int(row[1]) == sid]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("whole_group", [False, True], ids=["pid", "process-group"])
+def test_cli_with_its_own_local_ray_leaves_nothing_behind(
+    tmp_path: Path,
+    broker_url: str,
+    cloud_tiny_classifier: Callable[..., Path],
+    whole_group: bool,
+) -> None:
+    """Without RAY_ADDRESS the command starts local Ray and, on SIGTERM, shuts Serve and
+    Ray down: no process of its session survives. Signalling the whole process group
+    (as ``timeout`` and systemd do) stops Ray's GCS at the same moment; the command
+    must notice instead of waiting on it."""
+    data_dir = tmp_path / "data"
+    register(Registry(data_dir), cloud_tiny_classifier, seed=1)
+    (data_dir / "cloud.toml").write_text("[serve.deployment]\nnum_cpus = 0.1\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "fogline.cloud.cli", "cloud", "serve",
+            "--serve-model", "tiny", "--data-dir", str(data_dir), "--broker", broker_url,
+            "--metrics-port", "0", "--no-fleet", "--json",
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**env, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,  # its own session: Ray's processes are found by it
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.communicate(timeout=60)[1]
+        started = json.loads(line)
+        assert started["models"] == {"tiny": 1} and "Ray" in started["services"]
+        assert any("raylet" in p for p in session_processes(proc.pid))
+        if whole_group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert json.loads(out.strip().splitlines()[-1])["event"] == "stopped"
+        wait_until(lambda: session_processes(proc.pid) == [], timeout_s=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left, even on failure

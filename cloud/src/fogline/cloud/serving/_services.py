@@ -177,8 +177,10 @@ def _start_serving(
     services.deployed.update(deploy_models(services.registry, refs, options))
 
     def undeploy_all() -> None:
-        for model in list(services.deployed.values()):
-            undeploy(model)
+        # Our own local Ray takes its apps down with it; a cluster's GCS may be gone.
+        if not ray_session.owns_serve and ray_session.alive():
+            for model in list(services.deployed.values()):
+                undeploy(model)
         services.deployed.clear()
 
     services._started("Serve", undeploy_all)
