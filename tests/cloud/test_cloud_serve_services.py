@@ -488,3 +488,32 @@ def test_cli_with_its_own_local_ray_leaves_nothing_behind(
             proc.wait()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left, even on failure
+
+
+def test_config_lists_models_and_tunes_the_fleet(
+    tmp_path: Path, cloud_tiny_classifier: Callable[..., Path]
+) -> None:
+    from fogline.cloud import load_settings
+    from fogline.cloud.cli._serve import fleet_settings_for
+    from fogline.cloud.serving import check_serve_models
+
+    data_dir = tmp_path / "data"
+    register(Registry(data_dir), cloud_tiny_classifier, seed=1)
+    config = tmp_path / "fogline.toml"
+    config.write_text(
+        '[cloud.serve]\nmodels = ["tiny"]\nmetrics_port = 0\n'
+        "[cloud.serve.deployment]\nnum_replicas = 2\n"
+        "[fleet]\nmissed_heartbeats = 7\n"
+    )
+    settings = load_settings(config, data_dir=data_dir)
+    assert settings.serve.models == ["tiny"] and settings.serve.metrics_port == 0
+    assert [r.ref for r in check_serve_models(settings)] == ["tiny:1"]
+    fleet = fleet_settings_for(settings, config)
+    assert fleet.missed_heartbeats == 7 and fleet.data_dir == data_dir
+
+    config.write_text('[cloud.serve]\nmodelz = ["tiny"]\n')
+    with pytest.raises(ConfigError, match=r"serve\.modelz"):
+        load_settings(config, data_dir=data_dir)
+    config.write_text("[cloud.serve.deployment]\nnum_replicas = 0\n")
+    with pytest.raises(ConfigError, match="num_replicas"):
+        check_serve_models(load_settings(config, data_dir=data_dir), ["tiny"])
