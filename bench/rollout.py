@@ -221,7 +221,7 @@ def main() -> None:
                 floor = paho_floor(n, settings, artifact)
                 try:
                     fogline = fogline_rollout(n, settings, artifact, store, root)
-                except ConfigError as exc:  # e.g. more agents than select() can watch
+                except ConfigError as exc:  # e.g. a hard RLIMIT_NOFILE too low for N agents
                     print(f"N={n:4d}  not run: {exc}", flush=True)
                     continue
                 rows.append((n, fogline, floor))

@@ -1,11 +1,12 @@
 """Rollout at fleet scale in one process: many real agents fetch one signed release from
-the cloud's real artifact service (cache, QoS 0 chunk replies) and all serve it; a
-fleet too large for paho-mqtt's select() loop is refused up front instead of stalling
-with agents that never connect."""
+the cloud's real artifact service (cache, QoS 0 chunk replies) and all serve it; agents
+whose descriptors are numbered above FD_SETSIZE (1,024) connect (paho's select() loop
+could not watch them); the fleet raises a low RLIMIT_NOFILE for itself."""
 
 from __future__ import annotations
 
 import os
+import resource
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from _release_kit import ReleaseKit, build_model, publish
 
 from fogline.cloud import ArtifactService, ArtifactStore
 from fogline.firmware_sim import SimulatedFleet
+from fogline.firmware_sim._fleet import ensure_descriptor_limit
 from fogline.protocol import ConfigError, MqttSettings, MqttTransport, Topics
 
 AGENTS = 40
@@ -88,17 +90,41 @@ def test_forty_agents_in_one_process_all_install_a_multi_chunk_release(
     assert served["errors_replied"] == 0 and served["dropped"] == 0
 
 
-def test_a_fleet_that_would_run_out_of_select_descriptors_is_refused(
+def test_agents_connect_with_descriptors_above_fd_setsize(
     mqtt_settings: MqttSettings, sim_topics: Topics, tmp_path: Path, no_thread_left: None
 ) -> None:
     kit = ReleaseKit(sim_topics)
     fleet = _fleet(mqtt_settings.url, kit.public_key, sim_topics, tmp_path / "fleet", 20)
-    # Take most descriptor numbers below 1024, as 150 more agents would.
-    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(900)]
+    # Every agent's socket gets a number above 1024 (this fleet was refused before).
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
     try:
-        with pytest.raises(ConfigError, match=r"field 'devices'.*select"):
-            fleet.start()
+        with fleet:
+            assert fleet.wait_connected(60) == []
+            for device in fleet.devices.values():
+                assert device.agent is not None and device.agent.transport is not None
+                sock = device.agent.transport._client.socket()
+                assert sock is not None and sock.fileno() >= 1024
     finally:
         for fd in held:
             os.close(fd)
-    assert not fleet.devices  # nothing was started, nothing to stop
+
+
+def test_the_fleet_raises_a_low_descriptor_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = sum(1 for _ in Path("/proc/self/fd").iterdir())
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used + 50, hard))
+        ensure_descriptor_limit(100)
+        raised, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        assert raised >= used + 100 * 8
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_fleet_beyond_the_hard_descriptor_limit_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The hard limit cannot be lowered and raised again: pretend it is low.
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (1024, 1024))
+    with pytest.raises(ConfigError, match=r"field 'devices'.*RLIMIT_NOFILE"):
+        ensure_descriptor_limit(5000)

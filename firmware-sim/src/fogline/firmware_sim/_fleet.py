@@ -57,30 +57,38 @@ log = logging.getLogger("fogline.firmware_sim.fleet")
 
 ProgressFn = Callable[[int, int], None]
 
-# paho-mqtt's network loop uses select(), which cannot watch a descriptor numbered
-# FD_SETSIZE (1024 on Linux) or higher: such a client fails every connect attempt
-# silently and retries forever. Each agent holds three sockets (its connection and
-# paho's wake-up pair) and three SQLite files (the telemetry outbox and its WAL).
-_FD_SETSIZE = 1024
-_FDS_PER_AGENT = 6
-_FD_MARGIN = 32  # downloads, reconnects, the status file, the link relay
+# Each agent holds three sockets (its MQTT connection and its network loop's wake-up
+# pair) and three SQLite files (the telemetry outbox, its WAL and shared memory), plus
+# a download or a status file now and then. The transport's loop has no FD_SETSIZE
+# limit, but RLIMIT_NOFILE still counts.
+_FDS_PER_AGENT = 8
+_FD_MARGIN = 64  # the link relay, the broker probe, logs, the control channel
 
 
-def check_descriptor_budget(devices: int) -> None:
-    """Raise :class:`ConfigError` if ``devices`` more agents cannot all get descriptor
-    numbers below FD_SETSIZE in this process (they would never connect)."""
+def ensure_descriptor_limit(devices: int) -> None:
+    """Raise this process's soft RLIMIT_NOFILE (up to the hard limit) so that ``devices``
+    more agents can open their files; :class:`ConfigError` if even the hard limit is
+    too low."""
+    try:
+        import resource
+    except ImportError:  # not POSIX: nothing to raise
+        return
     try:
         used = sum(1 for _ in Path("/proc/self/fd").iterdir())
-    except OSError:  # not Linux: nothing to measure
+    except OSError:  # no /proc: count from the bottom, generously
+        used = 256
+    need = used + _FD_MARGIN + devices * _FDS_PER_AGENT
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
         return
-    room = (_FD_SETSIZE - _FD_MARGIN - used) // _FDS_PER_AGENT
-    if devices > room:
+    if hard != resource.RLIM_INFINITY and hard < need:
         raise ConfigError(
-            f"fleet: field 'devices': {devices} agents need about {devices * _FDS_PER_AGENT} "
-            f"file descriptors numbered below {_FD_SETSIZE} (paho-mqtt's select() loop "
-            f"cannot use higher ones), and this process already has {used} open: at most "
-            f"{max(room, 0)} agents fit; run more fleet processes"
+            f"fleet: field 'devices': {devices} agents need about {need} open files and "
+            f"RLIMIT_NOFILE allows at most {hard} (hard limit; {used} already open): "
+            "raise it (ulimit -Hn) or run more fleet processes"
         )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    log.info("raised RLIMIT_NOFILE from %d to %d for %d agents", soft, need, devices)
 
 
 class FleetConfig(BaseModel):
@@ -219,7 +227,7 @@ class SimulatedFleet:
 
     def _start(self, progress: ProgressFn | None) -> None:
         cfg = self.config
-        check_descriptor_budget(len(self._agent_configs))
+        ensure_descriptor_limit(len(self._agent_configs))
         cfg.data_root.mkdir(parents=True, exist_ok=True)
         digits_dataset()  # load it now, not in the traffic scheduler's first arrival
         self._started_at = time.monotonic()

@@ -1,10 +1,9 @@
 """One small MQTT client for both tiers, over paho-mqtt 2.x.
 
-paho does the protocol, the network thread and the capped exponential reconnect
-backoff. This wrapper adds what Fogline needs on top:
+paho does the protocol; the network loop is ours (``_mqtt_loop``: a selector thread,
+so no FD_SETSIZE limit, and a capped exponential reconnect backoff with jitter). This
+wrapper adds what Fogline needs on top:
 
-- jitter: the backoff base is re-drawn at random on every disconnect, so a fleet
-  does not reconnect in lock-step after a broker restart;
 - subscriptions that survive reconnects (re-sent on every CONNACK);
 - handlers that may raise without killing the network loop (logged and counted);
 - paho's return and reason codes translated to Fogline errors, in :func:`_check_rc`
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import socket
 import threading
 import uuid
@@ -36,6 +34,7 @@ from ._errors import (
     SubscribeError,
     TransportError,
 )
+from ._mqtt_loop import Connection, NetworkLoop
 from ._mqtt_settings import MqttSettings, Will, check_client_id, tls_context
 
 __all__ = ["Handler", "MqttMessage", "MqttSettings", "MqttTransport", "Will"]
@@ -111,6 +110,11 @@ def _disable_nagle(_client: paho.Client, _userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _no_op(_client: paho.Client, _userdata: Any, _sock: Any) -> None:
+    """paho writes queued packets itself, from the calling thread, unless a
+    register-write callback is set; the loop decides from ``want_write()`` instead."""
+
+
 def _strip_share(topic_filter: str) -> str:
     """``$share/group/a/b`` delivers messages on ``a/b``; match handlers on that."""
     if topic_filter.startswith("$share/"):
@@ -123,7 +127,9 @@ def _strip_share(topic_filter: str) -> str:
 class MqttTransport:
     """A connected MQTT client with handlers per topic filter.
 
-    Handlers run on the network thread: keep them short and hand long work to a worker.
+    Handlers run on the network thread: keep them short, hand long work to a worker,
+    and never wait there for this transport's acknowledgements (``wait=True`` raises
+    :class:`TransportError` on that thread).
     """
 
     def __init__(
@@ -150,6 +156,8 @@ class MqttTransport:
         self._listeners: list[ConnectionListener] = []
         self._started = False
         self._closed = False
+        self._loop: NetworkLoop | None = None
+        self._conn: Connection | None = None
 
         v5 = settings.protocol == "5"
         self._client = paho.Client(
@@ -161,7 +169,6 @@ class MqttTransport:
         self._clean_start = clean_session
         self._client.max_inflight_messages_set(settings.max_inflight)
         self._client.max_queued_messages_set(0)
-        self._redraw_backoff()
         if settings.username is not None:
             password = settings.password.get_secret_value() if settings.password else None
             self._client.username_pw_set(settings.username, password)
@@ -178,6 +185,9 @@ class MqttTransport:
         # Nagle's algorithm plus delayed ACKs adds ~40 ms to every QoS 1 exchange;
         # request/reply traffic (inference, chunks) cannot afford it.
         self._client.on_socket_open = _disable_nagle
+        self._client.on_socket_close = self._on_socket_close
+        self._client.on_socket_register_write = _no_op
+        self._client.on_socket_unregister_write = _no_op
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
@@ -206,7 +216,15 @@ class MqttTransport:
             )
         except ValueError as exc:
             raise ConfigError(f"mqtt settings: {exc}") from None
-        self._client.loop_start()
+        self._loop = NetworkLoop(self.client_id)
+        self._loop.start()
+        self._conn = Connection(
+            self._client,
+            name=self.client_id,
+            reconnect_min_s=self.settings.reconnect_min_s,
+            reconnect_max_s=self.settings.reconnect_max_s,
+        )
+        self._loop.add(self._conn)
 
     def connect(self, timeout: float = 10.0) -> None:
         """Start and wait until connected. Raises :class:`BrokerUnavailableError` (and
@@ -231,13 +249,19 @@ class MqttTransport:
         if self._closed:
             return
         self._closed = True
-        if self._started:
+        loop, conn = self._loop, self._conn
+        if loop is not None and conn is not None:
             if self._connected.is_set():
-                info = self._client.disconnect()
-                if info == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    # paho sends DISCONNECT from its thread; give it a moment.
-                    self._connected.clear()
-            self._client.loop_stop()
+                conn.flush_disconnect = self._client.disconnect() == MQTTErrorCode.MQTT_ERR_SUCCESS
+                loop.kick(conn)
+            loop.remove(conn, timeout)
+            if not loop.in_loop():  # from a handler: the loop finishes after it returns
+                conn.removed.wait(timeout + 1.0)
+                worker = conn.last_worker
+                if worker is not None:
+                    worker.join(timeout)
+            loop.stop()
+            loop.join(timeout)
         self._connected.clear()
 
     def __enter__(self) -> MqttTransport:
@@ -271,6 +295,8 @@ class MqttTransport:
             raise NotConnectedError(f"subscribe {topic_filter}: the transport is closed")
         if wait and not self.connected:
             raise NotConnectedError(f"subscribe {topic_filter}: not connected to the broker")
+        if wait:
+            self._refuse_wait_on_loop(f"subscribe {topic_filter}")
         # The callback goes first, so that retained messages find it.
         self._client.message_callback_add(_strip_share(topic_filter), self._wrap(handler))
         pending = _PendingSubscribe([topic_filter], threading.Event(), [])
@@ -284,6 +310,7 @@ class MqttTransport:
                 rc, mid = self._client.subscribe(topic_filter, qos)
                 if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                     self._pending_subs[mid] = pending
+                    self._kick()
             elif wait:  # the connection dropped since the check above: undo
                 del self._subscriptions[topic_filter]
         if not connected:
@@ -308,6 +335,7 @@ class MqttTransport:
         self._client.message_callback_remove(_strip_share(topic_filter))
         if self.connected:
             self._client.unsubscribe(topic_filter)
+            self._kick()
 
     def publish(
         self,
@@ -327,10 +355,13 @@ class MqttTransport:
             raise NotConnectedError(f"publish {topic}: the transport is closed")
         if wait and not self.connected:
             raise NotConnectedError(f"publish {topic}: not connected to the broker")
+        if wait:
+            self._refuse_wait_on_loop(f"publish {topic}")
         try:
             info = self._client.publish(topic, payload, qos=qos, retain=retain)
         except ValueError as exc:
             raise PublishError(f"publish {topic}: {exc}") from None
+        self._kick()
         if info.rc != MQTTErrorCode.MQTT_ERR_NO_CONN or wait:
             _check_rc(info.rc, f"publish {topic}")
         if wait:
@@ -345,7 +376,27 @@ class MqttTransport:
             if refusal is not None:
                 raise PublishError(f"publish {topic}: the broker refused it: {refusal.getName()}")
 
+    def _kick(self) -> None:
+        """paho queued a packet: have the network loop write it."""
+        loop, conn = self._loop, self._conn
+        if loop is not None and conn is not None:
+            loop.kick(conn)
+
+    def _refuse_wait_on_loop(self, action: str) -> None:
+        # The acknowledgement would be read by this very thread: it could never come.
+        loop = self._loop
+        if loop is not None and loop.in_loop():
+            raise TransportError(
+                f"{action}: cannot wait for the broker on the network thread "
+                "(from a handler); hand the work to a worker thread"
+            )
+
     # -- paho callbacks (network thread) ------------------------------------------------
+    def _on_socket_close(self, _client: paho.Client, _userdata: Any, sock: Any) -> None:
+        loop, conn = self._loop, self._conn
+        if loop is not None and conn is not None:
+            loop.socket_closing(conn, sock)
+
     def _wrap(self, handler: Handler) -> Callable[[paho.Client, Any, paho.MQTTMessage], None]:
         def on_message(_client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
             try:
@@ -365,6 +416,8 @@ class MqttTransport:
             self._connack.set()
             return
         self._refusal = None
+        if self._conn is not None:
+            self._conn.reset_backoff()
         with self._lock:  # see subscribe(): snapshot and "connected" change together
             subs = list(self._subscriptions.items())
             if subs:
@@ -389,7 +442,6 @@ class MqttTransport:
             pending, self._pending_subs = list(self._pending_subs.values()), {}
         for sub in pending:
             sub.done.set()
-        self._redraw_backoff()
         if was_connected:
             if not self._closed:
                 log.warning("lost connection to %s: %s", self.settings.url, reason.getName())
@@ -428,8 +480,3 @@ class MqttTransport:
             except Exception:
                 self.handler_errors += 1
                 log.exception("connection listener raised")
-
-    def _redraw_backoff(self) -> None:
-        base = self.settings.reconnect_min_s * random.uniform(0.5, 1.5)
-        # paho doubles the delay each failed attempt up to the cap, and resets on CONNACK.
-        self._client.reconnect_delay_set(base, self.settings.reconnect_max_s)  # type: ignore[arg-type]
