@@ -302,7 +302,7 @@ def test_follows_new_releases_and_ignores_bad_ones(
     assert our_threads() == []
 
 
-def test_pinned_version_is_not_followed(
+def test_pinned_version_in_a_share_group(
     cloud: Callable[..., CloudServices],
     settings: CloudSettings,
     cloud_tiny_classifier: Callable[..., Path],
@@ -310,10 +310,18 @@ def test_pinned_version_is_not_followed(
     registry = Registry(settings.data_dir)
     register(registry, cloud_tiny_classifier, seed=1)
     register(registry, cloud_tiny_classifier, seed=2)
-    services = cloud(serve_models=["tiny:1"], fleet=False)
+    services = cloud(serve_models=["tiny:1"], fleet=False, share_group="grp")
     assert services.served_versions() == {"tiny": 1}
     assert services.follower is None  # nothing to follow: the version is pinned
     assert "ReleaseFollower" not in services.names
+    # A replica: shared subscriptions, and Serve apps of its own (another replica
+    # stopping must not delete what this one serves).
+    assert services.bridge is not None
+    assert services.bridge.topic_filter.startswith("$share/grp/")
+    app_name = services.deployed["tiny"].app_name
+    assert app_name.startswith("fogline-tiny-v1-") and app_name in serve_apps()
+    services.close()
+    assert app_name not in serve_apps()
 
 
 @pytest.mark.parametrize(

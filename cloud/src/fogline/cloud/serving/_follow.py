@@ -57,6 +57,7 @@ class ReleaseFollower:
         *,
         topics: Topics | None = None,
         options: dict[str, object] | None = None,
+        instance: str | None = None,
     ) -> None:
         self.transport = transport
         self.registry = registry
@@ -65,6 +66,7 @@ class ReleaseFollower:
         self.models = sorted(set(models))
         self.topics = topics or Topics()
         self.options = dict(options or {})
+        self.instance = instance
         self._trust = trust
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -135,7 +137,7 @@ class ReleaseFollower:
             return  # already serving it (or newer): releases can arrive twice
         try:
             record = self.registry.get(model, version)
-            new = deploy_record(self.registry, record, self.options)
+            new = deploy_record(self.registry, record, self.options, self.instance)
         except FoglineError as exc:
             self._count("failed")
             log.warning("cannot serve %s:%d, still serving v%d: %s",

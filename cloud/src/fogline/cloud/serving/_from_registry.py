@@ -7,7 +7,9 @@ starting Ray.
 
 Each version is its own Serve application (``fogline-<model>-v<version>``): a new
 version is deployed next to the old one, the bridge switches handles, and only then is
-the old application deleted, so no request meets a half-replaced deployment.
+the old application deleted, so no request meets a half-replaced deployment. Replicas of
+``fogline cloud serve`` (a share group) add their ``instance`` id to the name, so one
+replica stopping or moving on never deletes what another one serves.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fogline.protocol import ConfigError, UnknownModelError
+from fogline.protocol import ConfigError, Identifier, UnknownModelError
 
 from .._registry import ModelRecord, Registry, parse_model_ref
 from ._deployment import DeployedModel, deploy_model, undeploy
@@ -41,11 +43,15 @@ ModelRef = tuple[str, int | None]
 
 
 class _VersionedSettings(ServingSettings):
-    """One Serve application per version, so two versions can run side by side."""
+    """One Serve application per version (and serving process, when ``instance`` is
+    set), so two versions can run side by side."""
+
+    instance: Identifier | None = None
 
     @property
     def app_name(self) -> str:
-        return f"fogline-{self.model}-v{self.version}"
+        suffix = f"-{self.instance}" if self.instance else ""
+        return f"fogline-{self.model}-v{self.version}{suffix}"
 
 
 def parse_served_refs(refs: Sequence[str]) -> list[ModelRef]:
@@ -76,25 +82,31 @@ def resolve_served(registry: Registry, name: str, version: int | None = None) ->
 
 
 def serving_settings_for(
-    record: ModelRecord, options: Mapping[str, Any] | None = None
+    record: ModelRecord, options: Mapping[str, Any] | None = None, instance: str | None = None
 ) -> ServingSettings:
     """Serving settings for ``record`` with ``options`` (Serve tuning shared by every
     served model); a bad option is a :class:`ConfigError` naming it."""
     data = {**(options or {}), "model": record.name, "version": record.version}
     checked = parse_serving_settings(data)  # the ConfigError names the field
-    return _VersionedSettings.model_validate(checked.model_dump())
+    return _VersionedSettings.model_validate({**checked.model_dump(), "instance": instance})
 
 
 def deploy_record(
-    registry: Registry, record: ModelRecord, options: Mapping[str, Any] | None = None
+    registry: Registry,
+    record: ModelRecord,
+    options: Mapping[str, Any] | None = None,
+    instance: str | None = None,
 ) -> DeployedModel:
     """Deploy ``record``'s fp32 variant on Serve (starting Serve if needed)."""
-    settings = serving_settings_for(record, options)
+    settings = serving_settings_for(record, options, instance)
     return deploy_model(settings, registry.artifact_path(record, SERVED_VARIANT))
 
 
 def serve_models(
-    registry: Registry, refs: Sequence[str], options: Mapping[str, Any] | None = None
+    registry: Registry,
+    refs: Sequence[str],
+    options: Mapping[str, Any] | None = None,
+    instance: str | None = None,
 ) -> dict[str, DeployedModel]:
     """Deploy every model in ``refs`` (``NAME`` or ``NAME:VERSION``); model name →
     deployment, each usable as the bridge's ``ServedModel``. All or nothing: if one
@@ -105,7 +117,7 @@ def serve_models(
     deployed: dict[str, DeployedModel] = {}
     try:
         for record in records:
-            deployed[record.name] = deploy_record(registry, record, options)
+            deployed[record.name] = deploy_record(registry, record, options, instance)
     except BaseException:
         for model in deployed.values():
             try:

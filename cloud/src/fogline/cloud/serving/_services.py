@@ -11,6 +11,7 @@ the caller closes after :meth:`CloudServices.close`.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -174,7 +175,9 @@ def _start_serving(
     ray_session = RaySession.acquire()
     services._started("Ray", ray_session.release)
     options: dict[str, Any] = dict(settings.serve.deployment)
-    services.deployed.update(deploy_models(services.registry, refs, options))
+    # Replicas share a cluster: each owns its own Serve apps (see _from_registry).
+    instance = uuid.uuid4().hex[:8] if group else None
+    services.deployed.update(deploy_models(services.registry, refs, options, instance))
 
     def undeploy_all() -> None:
         # Our own local Ray takes its apps down with it; a cluster's GCS may be gone.
@@ -202,7 +205,7 @@ def _start_serving(
 
         follower = ReleaseFollower(
             transport, services.registry, bridge, services.deployed, followed, trust,
-            topics=settings.topics, options=options,
+            topics=settings.topics, options=options, instance=instance,
         )
         follower.start()
         services.follower = follower
