@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from _release_kit import ArtifactServer, ReleaseKit, build_model, publish, sample_input
+from tritonclient.utils import InferenceServerException
 
 from fogline.edge import Agent
 
@@ -166,3 +167,53 @@ def test_errors_keep_the_keep_alive_connection_usable(served: Agent) -> None:
         assert resp.status == 404
     finally:
         conn.close()
+
+
+def test_routing_parameters_pass_through_tritonclient(served: Agent) -> None:
+    assert served.http_url is not None
+    client = triton.InferenceServerClient(url=served.http_url.removeprefix("http://"))
+    x = sample_input()
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+
+    def infer(parameters: dict[str, Any]) -> dict[str, Any]:
+        result = client.infer("digits", [inp], parameters=parameters)
+        params: dict[str, Any] = result.get_response()["parameters"]
+        return params
+
+    try:
+        before = served.router.stats.budgeted
+        params = infer({"policy": "local-only", "budget_ms": 5000, "on_no_path": "refuse"})
+        assert params["where"] == "edge" and params["met_budget"] is True
+        assert params["late"] is False and params["latency_ms"] > 0
+        assert served.router.stats.budgeted == before + 1  # the budget reached the router
+        # An unmeetable budget (the local estimate is known by now): "run-late" runs
+        # it anyway, marked late; "refuse" is a 503 at once.
+        late = infer({"policy": "local-only", "budget_ms": 1e-9, "on_no_path": "run-late"})
+        assert late["where"] == "edge" and late["late"] is True and late["met_budget"] is False
+        with pytest.raises(InferenceServerException) as refused:
+            infer({"policy": "local-only", "budget_ms": 1e-9, "on_no_path": "refuse"})
+        assert refused.value.status() == "503" and "budget" in str(refused.value)
+    finally:
+        client.close()
+
+
+def test_bad_routing_parameters_get_400(served: Agent) -> None:
+    path = "/v2/models/digits/infer"
+    item = json.loads(_infer_body())["inputs"]
+    cases: list[tuple[Any, str]] = [
+        ("x", "'parameters' must be an object"),
+        ({"policy": "nope"}, "unknown routing policy"),
+        ({"policy": 3}, "parameters.policy must be a string"),
+        ({"on_no_path": "maybe"}, "on_no_path must be"),
+        ({"on_no_path": ["refuse"]}, "parameters.on_no_path must be a string"),
+        ({"budget_ms": -1}, "budget_ms must be a positive number"),
+        ({"budget_ms": True}, "budget_ms must be a positive number"),
+    ]
+    for parameters, text in cases:
+        body = json.dumps({"inputs": item, "parameters": parameters}).encode()
+        got, _h, doc = _request(served, "POST", path, body)
+        assert got == 400 and text in doc["error"], (parameters, doc)
+    assert served.status().errors == 0
+    got, _h, doc = _request(served, "POST", path, _infer_body())
+    assert got == 200 and doc["parameters"]["where"] == "edge"

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from _release_kit import ArtifactServer, ReleaseKit, build_model, publish, sample_input
 
-from fogline.edge import Admission, Agent, AgentConfig, SessionCache
+from fogline.edge import Admission, Agent, AgentConfig, SessionCache, _status
+from fogline.edge._capacity import percentile
+from fogline.edge._status import ProcessUsage, _resident_bytes
 from fogline.protocol import CapacityError, InferenceInputError, free_port
 
 
@@ -54,7 +56,10 @@ def test_hot_swap_under_load_has_zero_failures(
         for version in (2, 3):
             _release(kit, artifact_server, version, seed=version)
             assert agent.wait_for_version("digits", version, timeout=20)
-        while sum(counts) < 2000:
+        # Requests may all have run before v3 went live: wait for enough after the last
+        # swap that some surely started on v3 (at most 4 were in flight across it).
+        target = max(2000, sum(counts) + 200)
+        while sum(counts) < target and not failures:
             threading.Event().wait(0.05)
     finally:
         stop.set()
@@ -171,3 +176,38 @@ def test_admission_queues_within_budget_and_refuses_beyond() -> None:
     snap = adm.snapshot()
     assert snap.in_flight == 0 and snap.queue_depth == 0 and snap.refused == 2
     assert adm.service_estimate_ms("m") is not None
+
+
+def test_latency_percentiles_match_numpy_linear_definition() -> None:
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 10, 101, 2048):
+        values = sorted(rng.exponential(1.0, n).tolist())
+        for q in (0.0, 50.0, 99.0, 100.0):
+            assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert percentile([], 50.0) == 0.0
+    admission = Admission(max_in_flight=1, max_queue=0, default_max_wait_ms=10)
+    assert admission.snapshot().latency_p50_ms == 0.0
+    for ms in (1.0, 2.0, 3.0, 4.0):
+        admission.acquire(None)
+        admission.release("m", ms, ms, True)
+    snap = admission.snapshot()
+    assert snap.latency_p50_ms == pytest.approx(2.5)
+    assert snap.latency_p99_ms == pytest.approx(float(np.percentile([1, 2, 3, 4], 99)))
+
+
+def test_process_usage_without_psutil(monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil
+
+    usage = ProcessUsage()
+    assert sum(i * i for i in range(300_000)) > 0  # some CPU time between the samples
+    cpu, mem = usage.sample()
+    assert cpu > 0.0
+    rss = psutil.Process().memory_info().rss / 1e6
+    assert abs(mem - rss) < 0.1 * rss  # the same figure psutil reports
+    # Without /proc: the peak RSS from getrusage, never below the current one.
+
+    def no_proc(path: Any, *args: Any, **kwargs: Any) -> Any:
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(_status, "open", no_proc, raising=False)
+    assert _resident_bytes() / 1e6 >= 0.9 * mem

@@ -70,6 +70,27 @@ def test_importing_the_edge_pulls_no_ray_torch_cloud_or_http_stack() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_heartbeat_figures_load_no_psutil_subprocess_or_numpy_ma() -> None:
+    # Each costs the device 1-2 MB resident, for figures the kernel and a sort give.
+    code = (
+        "import sys\n"
+        "from fogline.edge._capacity import Admission\n"
+        "from fogline.edge._status import ProcessUsage\n"
+        "from fogline.edge.cli import _limit_malloc_arenas\n"
+        "a = Admission(1, 0, 10.0)\n"
+        "a.acquire(None); a.release('m', 1.0, 1.0, True)\n"
+        "assert a.snapshot().latency_p99_ms == 1.0\n"
+        "cpu, mem = ProcessUsage().sample()\n"
+        "assert cpu >= 0 and mem > 0\n"
+        "print(_limit_malloc_arenas(), sys.platform)\n"
+        "print([m for m in ('psutil', 'subprocess', 'numpy.ma') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    capped, loaded = out.stdout.strip().splitlines()
+    assert loaded == "[]"
+    assert capped == "True linux" or not capped.endswith("linux")
+
+
 def test_stop_joins_every_thread(
     kit: ReleaseKit, artifact_server: ArtifactServer, agent_factory: Callable[..., Agent]
 ) -> None:

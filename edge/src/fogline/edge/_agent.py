@@ -7,20 +7,17 @@ then starts the HTTP API and connects to the broker in the background.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
 from fogline.protocol import (
-    BreakerState,
     DeviceEvent,
     FoglineError,
     Heartbeat,
@@ -39,17 +36,25 @@ from ._download import ArtifactFetcher
 from ._release import ReleaseManager
 from ._routing import LoadHints, LocalResult, LocalState, OnNoPath, Router, RoutingPolicy
 from ._runtime import LoadedModel, ModelSlot, SessionCache, load_model, run_model, self_test
-from ._store import ModelStore, atomic_write
+from ._status import (
+    STATUS_FILE,
+    AgentStatus,
+    ModelStatus,
+    ProcessUsage,
+    build_heartbeat,
+    build_status,
+    write_status_file,
+)
+from ._store import ModelStore
 from ._telemetry import Outbox, Telemetry, offline_will
 
 if TYPE_CHECKING:
     from ._http import HttpServer
 
-__all__ = ["Agent", "AgentStatus", "InferenceResult", "ModelStatus"]
+__all__ = ["STATUS_FILE", "Agent", "AgentStatus", "InferenceResult", "ModelStatus"]
 
 log = logging.getLogger("fogline.edge.agent")
 
-STATUS_FILE = "status.json"
 _now = time.perf_counter
 _POLICIES = frozenset(p.value for p in RoutingPolicy)
 # Policies that, without a budget and on an unstressed device, always run locally: such
@@ -94,57 +99,6 @@ class InferenceResult:
         return self
 
 
-class ModelStatus(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    version: int
-    sha256: str
-    previous_version: int | None = None
-    service_ms: float | None = None
-
-
-class AgentStatus(BaseModel):
-    """A snapshot of the agent, also written to ``<data_dir>/status.json``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    device_id: str
-    device_class: str
-    groups: list[str]
-    connected: bool
-    uptime_s: float
-    models: dict[str, ModelStatus]
-    requests: int
-    errors: int
-    refused: int
-    edge_requests: int
-    cloud_requests: int
-    in_flight: int
-    queue_depth: int
-    max_in_flight: int
-    latency_p50_ms: float
-    latency_p99_ms: float
-    breaker_state: BreakerState
-    # Where requests ran: offload ratio = cloud / (edge + cloud) answers; the met-budget
-    # ratio counts requests that carried a budget.
-    policy: str = RoutingPolicy.LOCAL_FIRST.value
-    offload_ratio: float = 0.0
-    budgeted_requests: int = 0
-    met_budget: int = 0
-    met_budget_ratio: float = 1.0
-    cloud_fallbacks: int = 0  # the cloud failed; the request ran locally
-    cascade_escalations: int = 0  # cascade asked the cloud (low local confidence)
-    cloud_errors: int = 0  # failed with no local run (cloud-only, refused, no path)
-    cloud_rtt_ms: float | None = None
-    cloud_service_ms: dict[str, float] = {}
-    cloud_models: list[str] = []  # no local variant for this class: served by the cloud
-    telemetry_dropped: int
-    telemetry_queued: int
-    http_url: str | None
-    load_hints: dict[str, float]
-    at: float
-
-
 class Agent:
     """One edge agent. Several may share a process (pass one ``session_cache``)."""
 
@@ -184,7 +138,7 @@ class Agent:
         self._started_at = time.monotonic()
         self._started = False
         self._stopped = False
-        self._process: Any = None  # psutil.Process, created lazily off the hot path
+        self._usage = ProcessUsage()
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -195,7 +149,7 @@ class Agent:
         self._started_at = time.monotonic()
         self._load_installed()
         if self.config.http.enabled:
-            from ._http import HttpServer  # starlette/uvicorn only when the API is on
+            from ._http import HttpServer  # the HTTP stack loads only when the API is on
 
             self._http = HttpServer(self, self.config.http)
             self._http.start()
@@ -596,111 +550,39 @@ class Agent:
         return self._transport is not None and self._transport.connected
 
     def status(self) -> AgentStatus:
-        snap = self._admission.snapshot()
-        models = {}
-        for name, loaded in self.models().items():
-            prev = self._store.previous(name)
-            models[name] = ModelStatus(
-                version=loaded.version,
-                sha256=loaded.sha256,
-                previous_version=prev.version if prev else None,
-                service_ms=self._admission.service_estimate_ms(name),
-            )
-        tel = self._telemetry
-        stats = self._router.stats
-        escalations = stats.escalations
-        cloud_answers = stats.cloud_requests
-        edge_answers = max(0, snap.requests - escalations)  # escalated: answered by cloud
-        answered = edge_answers + cloud_answers
-        cloud = self._cloud
-        cloud_service: dict[str, float] = {}
-        if cloud is not None:
-            for name in sorted(set(models) | self._cloud_models):
-                ms = cloud.service_ms(name)
-                if ms is not None:
-                    cloud_service[name] = ms
-        return AgentStatus(
-            device_id=self.config.device_id,
-            device_class=self.config.device_class,
-            groups=list(self.config.groups),
+        return build_status(
+            config=self.config,
+            admission=self._admission,
+            store=self._store,
+            served=self.models(),
+            router_stats=self._router.stats,
+            cloud=self._cloud,
+            cloud_models=self._cloud_models,
+            cloud_errors=self._cloud_errors,
+            telemetry=self._telemetry,
+            telemetry_open=not self._stopped,
             connected=self.connected,
             uptime_s=time.monotonic() - self._started_at,
-            models=models,
-            requests=snap.requests + cloud_answers - escalations + self._cloud_errors,
-            errors=snap.errors + self._cloud_errors,
-            refused=snap.refused,
-            edge_requests=edge_answers,
-            cloud_requests=cloud_answers,
-            in_flight=snap.in_flight,
-            queue_depth=snap.queue_depth,
-            max_in_flight=snap.max_in_flight,
-            latency_p50_ms=snap.latency_p50_ms,
-            latency_p99_ms=snap.latency_p99_ms,
-            breaker_state=cloud.breaker.state if cloud is not None else "closed",
-            policy=self.config.routing.policy.value,
-            offload_ratio=cloud_answers / answered if answered else 0.0,
-            budgeted_requests=stats.budgeted,
-            met_budget=stats.met_budget,
-            met_budget_ratio=stats.met_budget_ratio,
-            cloud_fallbacks=stats.fallbacks,
-            cascade_escalations=escalations,
-            cloud_errors=self._cloud_errors,
-            cloud_rtt_ms=cloud.rtt_ms if cloud is not None else None,
-            cloud_service_ms=cloud_service,
-            cloud_models=sorted(self._cloud_models),
-            telemetry_dropped=tel.dropped if tel else 0,
-            telemetry_queued=len(tel.outbox) if tel and not self._stopped else 0,
             http_url=self.http_url,
             load_hints=self.load_hints,
             at=self._clock(),
         )
 
     def _heartbeat(self, seq: int) -> Heartbeat:
-        st = self.status()
-        cpu, mem = self._process_usage()
-        total = st.requests + st.refused
-        return Heartbeat(
-            device_id=st.device_id,
-            device_class=st.device_class,
-            groups=st.groups,
+        cpu, mem = self._usage.sample()
+        return build_heartbeat(
+            self.status(),
             seq=seq,
             at=self._clock(),
-            uptime_s=st.uptime_s,
             interval_s=self.config.heartbeat_interval_s,
-            models={name: m.version for name, m in st.models.items()},
-            requests=total,
-            errors=st.errors + st.refused,
-            edge_requests=st.edge_requests,
-            cloud_requests=st.cloud_requests,
-            budgeted_requests=st.budgeted_requests,
-            met_budget=st.met_budget,
-            latency_p50_ms=st.latency_p50_ms,
-            latency_p99_ms=st.latency_p99_ms,
-            queue_depth=st.queue_depth,
-            in_flight=st.in_flight,
-            offload_ratio=st.offload_ratio,
-            met_budget_ratio=st.met_budget_ratio,
-            breaker_state=st.breaker_state,
             cpu_percent=cpu,
             memory_mb=mem,
-            telemetry_dropped=st.telemetry_dropped,
         )
-
-    def _process_usage(self) -> tuple[float, float]:
-        import psutil
-
-        if self._process is None:
-            self._process = psutil.Process()
-            self._process.cpu_percent(None)  # the first call only primes the counter
-        with self._process.oneshot():
-            return float(self._process.cpu_percent(None)), self._process.memory_info().rss / 1e6
 
     def _write_status(self) -> None:
         try:
-            data = self.status().model_dump(mode="json")
-            # Informational and rewritten every heartbeat: no fsync (fleets of agents
-            # share one disk).
-            path = self.config.data_dir / STATUS_FILE
-            atomic_write(path, json.dumps(data, indent=1).encode(), durable=False)
-        except (OSError, FoglineError) as exc:
+            status = self.status()
+        except FoglineError as exc:
             log.warning("could not write the status file: %s", exc)
+            return
+        write_status_file(self.config.data_dir, status)

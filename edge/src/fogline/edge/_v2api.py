@@ -173,6 +173,26 @@ def _requested_outputs(doc: dict[str, Any], available: tuple[str, ...]) -> list[
     return result
 
 
+def _routing_parameters(doc: dict[str, Any]) -> tuple[float | None, str | None, Any]:
+    """``budget_ms``, ``policy`` and ``on_no_path`` from the request-level ``parameters``
+    (the v2 protocol's place for per-request options). Types are checked here; the
+    agent checks the values (an unknown policy is its :class:`InferenceInputError`)."""
+    params = doc.get("parameters")
+    if params is None:
+        return None, None, None
+    if not isinstance(params, dict):
+        raise HttpError(400, "'parameters' must be an object")
+    budget = params.get("budget_ms")
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0
+    ):
+        raise HttpError(400, "parameters.budget_ms must be a positive number")
+    for key in ("policy", "on_no_path"):
+        if params.get(key) is not None and not isinstance(params[key], str):
+            raise HttpError(400, f"parameters.{key} must be a string")
+    return budget, params.get("policy"), params.get("on_no_path")
+
+
 Reply = tuple[int, bytes, str, dict[str, str] | None]
 """(status, body, content type, extra headers)"""
 
@@ -299,11 +319,6 @@ class V2Api:
         doc, binary = _parse_request(body, request.headers.get(_HEADER_LENGTH))
         inputs = _decode_inputs(doc, binary)
         wanted = _requested_outputs(doc, loaded.output_names)
-        params = doc.get("parameters") or {}
-        budget = params.get("budget_ms") if isinstance(params, dict) else None
-        if budget is not None and (
-            isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0
-        ):
-            raise HttpError(400, "parameters.budget_ms must be a positive number")
-        result = self.agent.infer(loaded.name, inputs, budget)
+        budget, policy, on_no_path = _routing_parameters(doc)
+        result = self.agent.infer(loaded.name, inputs, budget, policy, on_no_path)
         return _respond(doc, result, wanted)
