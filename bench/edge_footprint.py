@@ -5,6 +5,11 @@ Baseline in the same run: a bare Python process that imports onnxruntime and loa
 same model (the least any ONNX Runtime server can do). The model is the onnx.helper
 CNN stand-in for the reference CNN (see bench/edge_overhead.py).
 
+A third agent variant verifies one signed release manifest in the agent's process
+before the CLI starts, as a connected agent does at its first release or desired state:
+``cryptography`` (and its bundled OpenSSL) loads only then, so this is the resident
+memory of an agent in steady state with a broker.
+
     .venv/bin/python bench/edge_footprint.py [--runs 5] [--json]
 """
 
@@ -26,10 +31,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "edge"))
-from _release_kit import build_model, sample_input, to_toml
+from _release_kit import ReleaseKit, build_model, sample_input, to_toml
 from edge_overhead import install
 
-from fogline.protocol import free_port
+from fogline.protocol import Topics, encode, free_port
 
 TARGET_RSS_MB = 80.0
 TARGET_COLD_S = 1.0
@@ -41,6 +46,17 @@ s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
 s.run(None, {"input": np.zeros((1, 1, 8, 8), np.float32)})
 print("ready", flush=True)
 time.sleep(60)
+"""
+
+# The agent's CLI, after one signature check (what the first signed release costs).
+_VERIFIED_AGENT = """
+import sys
+from pathlib import Path
+from fogline.protocol import SignedRelease, TrustStore, decode, verify_release
+signed = decode(Path(sys.argv[1]).read_bytes(), SignedRelease)
+verify_release(signed, TrustStore.from_texts([sys.argv[2]]))
+from fogline.edge.cli import main
+sys.exit(main(sys.argv[3:]))
 """
 
 
@@ -55,7 +71,8 @@ def _infer_ok(port: int, body: bytes) -> bool:
         return False
 
 
-def run_agent(tmp: Path, http_on: bool) -> dict[str, float]:
+def run_agent(tmp: Path, http_on: bool, verify: list[str] | None = None) -> dict[str, float]:
+    """``verify``: [signed release file, public key] to check one signature first."""
     port = free_port()
     config = {
         "device_id": "footprint",
@@ -67,6 +84,9 @@ def run_agent(tmp: Path, http_on: bool) -> dict[str, float]:
     path = tmp / "agent.toml"
     path.write_text(to_toml(config))
     exe = Path(sys.executable).with_name("fogline-edge")
+    command = [str(exe), "run", "--config", str(path), "--json"]
+    if verify is not None:
+        command = [sys.executable, "-c", _VERIFIED_AGENT, *verify, *command[1:]]
     body = json.dumps(
         {
             "inputs": [
@@ -81,7 +101,7 @@ def run_agent(tmp: Path, http_on: bool) -> dict[str, float]:
     ).encode()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [str(exe), "run", "--config", str(path), "--json"],
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -131,16 +151,22 @@ def main() -> None:
         "baseline": [],
         "agent_http": [],
         "agent_no_http": [],
+        "agent_http_verified": [],
     }
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         install(tmp, "cnn", data)
         model = tmp / "raw.onnx"
         model.write_bytes(data)
+        kit = ReleaseKit(Topics())
+        release = tmp / "release.msgpack"
+        release.write_bytes(encode(kit.release("cnn", 1, data)))
+        verify = [str(release), kit.public_key]
         for _ in range(args.runs):  # interleaved, so load changes hit all three alike
             rows["baseline"].append(run_baseline(model))
             rows["agent_http"].append(run_agent(tmp, True))
             rows["agent_no_http"].append(run_agent(tmp, False))
+            rows["agent_http_verified"].append(run_agent(tmp, True, verify))
 
     def med(name: str, key: str) -> float:
         return round(statistics.median(r[key] for r in rows[name]), 3)
@@ -151,6 +177,7 @@ def main() -> None:
         "baseline_rss_mb": med("baseline", "rss_mb"),
         "agent_rss_mb": med("agent_http", "rss_mb"),
         "agent_no_http_rss_mb": med("agent_no_http", "rss_mb"),
+        "agent_after_signature_check_rss_mb": med("agent_http_verified", "rss_mb"),
         "rss_ratio_vs_baseline": round(med("agent_http", "rss_mb") / med("baseline", "rss_mb"), 2),
         "target_rss_mb": TARGET_RSS_MB,
         "baseline_cold_start_s": med("baseline", "ready_s"),

@@ -2,6 +2,10 @@
 socket: routes, JSON tensors plus Triton's binary tensor extension (tritonclient's HTTP
 client uses it by default), and replies. :mod:`._http` serves it.
 
+Routing options ride in the request-level ``parameters`` (``budget_ms``, ``policy``,
+``on_no_path``, as for :meth:`Agent.infer`); the response ``parameters`` say where the
+request ran, its latency, whether it was late and (with a budget) whether it met it.
+
 Every failure becomes a JSON ``{"error": "..."}`` with a 4xx/5xx status, mapped from
 Fogline errors in :func:`status_of` only: unknown model 404, bad input 400, oversize
 body 413, over capacity 429 with ``Retry-After``.
