@@ -165,7 +165,7 @@ class CloudClient:
             return
         self._started = True
         self._stop.clear()
-        self.transport.subscribe(self.reply_topic, self._on_reply, qos=1)
+        self.transport.subscribe(self.reply_topic, self._on_reply, qos=0)
         if self.probe_interval_s > 0:
             self._prober = threading.Thread(
                 target=self._probe_loop, name="fogline-cloud-probe", daemon=True
@@ -280,7 +280,9 @@ class CloudClient:
             if not probe:
                 self._last_sent = sent_at
         try:
-            self.transport.publish(self.topics.infer_requests(model), encode(request), qos=1)
+            # QoS 0: a lost request is a timeout, handled below; an acknowledged one
+            # would cost a round of PUBACKs per request and be no use past its deadline.
+            self.transport.publish(self.topics.infer_requests(model), encode(request), qos=0)
             reply = future.result(timeout=timeout_s)
         except FutureTimeout:
             with self._lock:

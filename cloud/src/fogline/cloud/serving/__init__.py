@@ -5,10 +5,19 @@ Only ``_deployment`` and ``_ray_session`` import Ray; importing this package doe
 start it.
 """
 
-from ._bridge import PROBE_INPUT, BridgeStats, InferenceBridge, ServedModel, ServeHandle
+from ._batcher import ModelBatcher
+from ._bridge import (
+    PROBE_INPUT,
+    BatchServeHandle,
+    BridgeStats,
+    InferenceBridge,
+    ServedModel,
+    ServeHandle,
+)
 from ._deployment import (
     DeployedModel,
     OnnxModelDeployment,
+    ServeModelHandle,
     deploy_model,
     ensure_ray,
     shutdown_serving,
@@ -32,16 +41,19 @@ __all__ = [
     "PROBE_INPUT",
     "SERVED_VARIANT",
     "AutoscalingSettings",
+    "BatchServeHandle",
     "BridgeStats",
     "CloudServices",
     "DeployedModel",
     "InferenceBridge",
     "InputSpec",
+    "ModelBatcher",
     "OnnxModelDeployment",
     "OnnxRunner",
     "RaySession",
     "ReleaseFollower",
     "ServeHandle",
+    "ServeModelHandle",
     "ServedModel",
     "Service",
     "ServingSettings",

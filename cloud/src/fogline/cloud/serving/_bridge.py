@@ -18,6 +18,14 @@ run as replicas), on the MQTT network thread, only cheap checks run:
 Everything else is handed to an asyncio loop on the bridge's own thread, which awaits
 the Serve call (bounded by the request's deadline) and replies ``InferenceResponse``
 or ``ErrorReply`` on ``reply_to`` with the request's correlation id.
+
+A handle that also has ``remote_batch`` (a :class:`BatchServeHandle`, as
+``deploy_model`` returns) gets its requests through a :class:`ModelBatcher`: one Serve
+call per batch rather than per request, which is what lets the cloud keep up under load
+on few cores. A plain :class:`ServeHandle` is called once per request.
+
+Requests and replies travel at QoS 0: a lost message is a timeout the client already
+handles, and a late redelivery would be useless past the deadline anyway.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import msgpack
 import numpy as np
@@ -50,7 +58,16 @@ from fogline.protocol import (
     validate_id,
 )
 
-__all__ = ["PROBE_INPUT", "BridgeStats", "InferenceBridge", "ServeHandle", "ServedModel"]
+from ._batcher import ModelBatcher
+
+__all__ = [
+    "PROBE_INPUT",
+    "BatchServeHandle",
+    "BridgeStats",
+    "InferenceBridge",
+    "ServeHandle",
+    "ServedModel",
+]
 
 log = logging.getLogger("fogline.cloud.bridge")
 
@@ -62,6 +79,16 @@ class ServeHandle(Protocol):
     def remote(self, inputs: dict[str, np.ndarray]) -> Awaitable[Any]: ...
 
 
+@runtime_checkable
+class BatchServeHandle(Protocol):
+    """A handle that can also take many requests in one call; ``remote_batch`` resolves
+    to one result per input, in order."""
+
+    def remote(self, inputs: dict[str, np.ndarray]) -> Awaitable[Any]: ...
+
+    def remote_batch(self, batch: list[dict[str, np.ndarray]]) -> Awaitable[Any]: ...
+
+
 @dataclass(frozen=True)
 class ServedModel:
     version: int
@@ -71,7 +98,8 @@ class ServedModel:
 @dataclass
 class BridgeStats:
     received: int = 0
-    forwarded: int = 0  # calls made to Serve
+    forwarded: int = 0  # requests handed to Serve
+    serve_calls: int = 0  # Serve calls made (fewer than forwarded when batched)
     answered: int = 0
     errors: int = 0  # error replies sent
     expired: int = 0
@@ -98,6 +126,8 @@ class InferenceBridge:
         *,
         max_in_flight: int = 256,
         default_timeout_s: float = 10.0,
+        max_batch: int = 32,
+        max_concurrent_batches: int = 2,
         alpha: float = 0.2,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -107,7 +137,10 @@ class InferenceBridge:
         self.shared_group = validate_id(shared_group, "shared group") if shared_group else None
         self.max_in_flight = max_in_flight
         self.default_timeout_s = default_timeout_s
+        self.max_batch = max_batch
+        self.max_concurrent_batches = max_concurrent_batches
         self.stats = BridgeStats()
+        self._batchers: dict[str, ModelBatcher] = {}  # used on the bridge loop only
         self._alpha = alpha
         self._clock = clock
         self._lock = threading.Lock()
@@ -147,7 +180,7 @@ class InferenceBridge:
         self._thread = threading.Thread(target=run, name="fogline-bridge", daemon=True)
         self._thread.start()
         ready.wait()
-        self.transport.subscribe(self.topic_filter, self._on_request, qos=1)
+        self.transport.subscribe(self.topic_filter, self._on_request, qos=0)
         log.info("inference bridge serving %s on %s", sorted(self.handles), self.topic_filter)
 
     def close(self, timeout_s: float = 5.0) -> None:
@@ -241,7 +274,7 @@ class InferenceBridge:
                 return
             self._count("forwarded")
             try:
-                result = await asyncio.wait_for(_resolve(served.handle.remote(inputs)), timeout)
+                result = await self._call_serve(request.model, served, inputs, timeout)
             except TimeoutError:
                 self._error(request, "deadline_exceeded", "Serve did not answer in time")
                 return
@@ -256,6 +289,36 @@ class InferenceBridge:
         finally:
             with self._lock:
                 self._in_flight -= 1
+
+    async def _call_serve(
+        self, model: str, served: ServedModel, inputs: dict[str, np.ndarray], timeout: float
+    ) -> Any:
+        handle = served.handle
+        if not isinstance(handle, BatchServeHandle):
+            self._count("serve_calls")
+            return await asyncio.wait_for(_resolve(handle.remote(inputs)), timeout)
+        batcher = self._batchers.get(model)
+        if batcher is None or batcher.key is not handle:  # new model, or a new version
+            batcher = ModelBatcher(
+                self._batch_call(handle), max_batch=self.max_batch,
+                max_calls=self.max_concurrent_batches, key=handle,
+            )
+            self._batchers[model] = batcher
+        future = batcher.submit(inputs, timeout)
+        try:
+            # On timeout wait_for cancels the future: the batcher then skips the request.
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            future.cancel()
+
+    def _batch_call(
+        self, handle: BatchServeHandle
+    ) -> Callable[[list[dict[str, np.ndarray]]], Awaitable[Any]]:
+        def call(batch: list[dict[str, np.ndarray]]) -> Awaitable[Any]:
+            self._count("serve_calls")
+            return handle.remote_batch(batch)
+
+        return call
 
     def _answer(self, request: InferenceRequest, served: ServedModel, result: Any) -> None:
         if not isinstance(result, dict):
@@ -327,7 +390,7 @@ class InferenceBridge:
 
     def _reply(self, topic: str, message: Message) -> bool:
         try:
-            self.transport.publish(topic, encode(message), qos=1)
+            self.transport.publish(topic, encode(message), qos=0)
         except FoglineError as exc:
             log.warning("reply on %s failed: %s", topic, exc.message)
             return False
