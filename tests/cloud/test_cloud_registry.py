@@ -208,6 +208,16 @@ def test_settings_from_toml_env_and_overrides(
     config.write_text("not toml [")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(config)
+    config.unlink()  # else <data_dir>/cloud.toml, still garbage, is what fails
+    env = {
+        "FOGLINE_DEVICE_CLASSES": '[{"name": "one", "threads": 3}]',
+        "FOGLINE_CHUNK_SIZE": "4096",
+    }
+    settings = load_settings(data_dir=tmp_path, env=env)
+    assert [(c.name, c.threads) for c in settings.device_classes] == [("one", 3)]
+    assert settings.chunk_size == 4096
+    with pytest.raises(ConfigError, match=r"\$FOGLINE_TOPIC_PREFIX: field 'topic_prefix'"):
+        load_settings(data_dir=tmp_path, env={"FOGLINE_TOPIC_PREFIX": "a/+"})
     monkeypatch.setenv("FOGLINE_ACCURACY_BUDGET", "lots")
-    with pytest.raises(ConfigError, match="accuracy_budget"):
+    with pytest.raises(ConfigError, match=r"\$FOGLINE_ACCURACY_BUDGET: field 'accuracy_budget'"):
         load_settings(data_dir=tmp_path)

@@ -132,12 +132,21 @@ def test_settings_from_toml_env_and_overrides(tmp_path: Path) -> None:
         "[fleet]\nmissed_heartbeats = 4\nheartbeat_interval_s = 2.5\n"
         '[fleet.mqtt]\nurl = "mqtt://broker:1884"\n[fleet.thresholds]\np99_high_ms = 100.0\n'
     )
-    env = {"FOGLINE_DATA_DIR": str(tmp_path / "d"), "FOGLINE_FLEET_MISSED_HEARTBEATS": "5"}
+    env = {"FOGLINE_DATA_DIR": str(tmp_path / "d"), "FOGLINE_FLEET__MISSED_HEARTBEATS": "5"}
     s = load_fleet_settings(config, env=env, overrides={"metrics_port": 0})
     assert s.missed_heartbeats == 5 and s.heartbeat_interval_s == 2.5
     assert s.mqtt.url == "mqtt://broker:1884" and s.thresholds.p99_high_ms == 100.0
     assert s.store_path == tmp_path / "d" / "fleet.sqlite3" and s.metrics_port == 0
     assert load_fleet_settings(env={}).data_dir == Path("var/fogline")
+    nested = {
+        "FOGLINE_FLEET__THRESHOLDS__P99_HIGH_MS": "80",
+        "FOGLINE_BROKER_URL": "mqtt://alias:1",
+        "FOGLINE_TOPIC_PREFIX": "site",
+        "FOGLINE_DEVICE_ID": "an edge variable, not the fleet's",
+    }
+    s = load_fleet_settings(env=nested)
+    assert s.thresholds.p99_high_ms == 80.0 and s.mqtt.url == "mqtt://alias:1"
+    assert s.topic_prefix == "site"
 
 
 @pytest.mark.parametrize(
@@ -148,7 +157,9 @@ def test_settings_from_toml_env_and_overrides(tmp_path: Path) -> None:
         ("[mqtt]\nurl = 'http://x'", {}, "mqtt.url"),
         ("topic_prefix = 'a/+/b'", {}, "topic_prefix"),
         ("shared_group = 'a/b'", {}, "shared_group"),
-        ("", {"FOGLINE_FLEET_METRICS_PORT": "eighty"}, "metrics_port"),
+        ("", {"FOGLINE_FLEET__METRICS_PORT": "eighty"}, "FOGLINE_FLEET__METRICS_PORT"),
+        ("", {"FOGLINE_FLEET__MISSED_HEARTBEAT": "5"}, "missed_heartbeat': Extra inputs"),
+        ("", {"FOGLINE_BROKER_URL": "ftp://x"}, "FOGLINE_BROKER_URL: field 'mqtt.url'"),
         ("this is = = not toml", {}, "not valid TOML"),
     ],
 )

@@ -1,19 +1,23 @@
 """Cloud tier settings: pydantic, loaded from TOML, overridden by ``FOGLINE_*`` variables.
 
-Precedence, lowest first: defaults, ``<data_dir>/cloud.toml`` (or an explicit file),
-environment variables, explicit keyword overrides (CLI options).
+Precedence, lowest first: defaults, ``<data_dir>/cloud.toml`` (or an explicit file; its
+``[cloud]`` table if it has one), environment variables, explicit keyword overrides (CLI
+options). Every field is a variable: ``FOGLINE_DATA_DIR``, ``FOGLINE_BROKER_URL``,
+``FOGLINE_ACCURACY_BUDGET``, ``FOGLINE_SERVE__METRICS_PORT``, lists and tables as JSON
+(``FOGLINE_DEVICE_CLASSES='[{"name": "cpu-1t"}]'``).
 """
 
 from __future__ import annotations
 
 import os
-import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fogline.protocol import DEFAULT_PREFIX, MAX_CHUNK_SIZE, ConfigError, Identifier, Topics
+from fogline.protocol import DEFAULT_PREFIX, MAX_CHUNK_SIZE, Identifier, TopicPrefix, Topics
+from fogline.protocol import load_settings as load_config_model
 
 __all__ = [
     "DEFAULT_DEVICE_CLASSES",
@@ -73,7 +77,7 @@ class CloudSettings(BaseModel):
 
     data_dir: Path = DEFAULT_DATA_DIR
     broker_url: str = DEFAULT_BROKER_URL
-    topic_prefix: str = DEFAULT_PREFIX
+    topic_prefix: TopicPrefix = DEFAULT_PREFIX
     accuracy_budget: Annotated[float, Field(ge=0, le=100)] = 1.0
     device_classes: Annotated[list[DeviceClass], Field(min_length=1)] = Field(
         default_factory=lambda: list(DEFAULT_DEVICE_CLASSES)
@@ -92,12 +96,6 @@ class CloudSettings(BaseModel):
             raise ValueError("device class names must be unique")
         return value
 
-    @field_validator("topic_prefix")
-    @classmethod
-    def _check_prefix(cls, value: str) -> str:
-        Topics(value)  # raises TopicError (a ValueError is what pydantic wants)
-        return value
-
     @property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
@@ -107,56 +105,20 @@ class CloudSettings(BaseModel):
         return self.data_dir / "keys" / "cloud-signing.pem"
 
 
-_ENV = {
-    "FOGLINE_DATA_DIR": "data_dir",
-    "FOGLINE_BROKER_URL": "broker_url",
-    "FOGLINE_TOPIC_PREFIX": "topic_prefix",
-    "FOGLINE_ACCURACY_BUDGET": "accuracy_budget",
-    "FOGLINE_CHUNK_SIZE": "chunk_size",
-}
+def load_settings(
+    config_file: Path | None = None, *, env: Mapping[str, str] | None = None, **overrides: Any
+) -> CloudSettings:
+    """Build settings from defaults, a TOML file, ``FOGLINE_*`` (``env``, default
+    ``os.environ``) and ``overrides``, via :func:`fogline.protocol.load_settings`.
 
-
-def _coerce_env(field: str, raw: str) -> Any:
-    if field in ("accuracy_budget",):
-        try:
-            return float(raw)
-        except ValueError:
-            raise ConfigError(f"{field}: {raw!r} is not a number") from None
-    if field == "chunk_size":
-        try:
-            return int(raw)
-        except ValueError:
-            raise ConfigError(f"{field}: {raw!r} is not an integer") from None
-    return raw
-
-
-def load_settings(config_file: Path | None = None, **overrides: Any) -> CloudSettings:
-    """Build settings from defaults, a TOML file, ``FOGLINE_*`` and ``overrides``.
-
-    ``None`` overrides are ignored (handy for optional CLI options). Any error is a
-    :class:`ConfigError` naming the field."""
-    values: dict[str, Any] = {}
-    for var, field in _ENV.items():
-        if var in os.environ and os.environ[var] != "":
-            values[field] = _coerce_env(field, os.environ[var])
-    explicit = {k: v for k, v in overrides.items() if v is not None}
-    data_dir = Path(explicit.get("data_dir", values.get("data_dir", DEFAULT_DATA_DIR)))
-    path = config_file if config_file is not None else data_dir / "cloud.toml"
-    file_values: dict[str, Any] = {}
-    if config_file is not None or path.exists():
-        try:
-            with path.open("rb") as fh:
-                file_values = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        # A [cloud] table is accepted so one file can configure several parts.
-        file_values = file_values.get("cloud", file_values)
-    merged = {**file_values, **values, **explicit}
-    try:
-        return CloudSettings.model_validate(merged)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(settings)"
-        raise ConfigError(f"cloud setting {where}: {err['msg']}") from None
+    Without ``config_file``, ``<data_dir>/cloud.toml`` is read if it exists. ``None``
+    overrides are ignored (handy for optional CLI options). Any error is a
+    :class:`ConfigError` naming the field and where the value came from."""
+    environ = os.environ if env is None else env
+    path = config_file
+    if path is None:
+        given = overrides.get("data_dir") or environ.get("FOGLINE_DATA_DIR") or DEFAULT_DATA_DIR
+        default_file = Path(given) / "cloud.toml"
+        path = default_file if default_file.exists() else None
+    # A [cloud] table is accepted so one file can configure several parts.
+    return load_config_model(CloudSettings, path, section="cloud", env=environ, overrides=overrides)

@@ -1,34 +1,31 @@
-"""Agent configuration: a TOML file plus ``FOGLINE_*`` environment overrides.
+"""Agent configuration: a TOML file plus ``FOGLINE_*`` environment overrides, loaded by
+:func:`fogline.protocol.load_settings` (its docstring has the rules).
 
 Environment variables name a field path with ``__`` between levels, e.g.
-``FOGLINE_DEVICE_ID=cam-7`` or ``FOGLINE_CAPACITY__MAX_IN_FLIGHT=4``. Values are parsed
-as JSON when they start with ``[`` or ``{`` (lists, tables), otherwise handed to
-pydantic as text, which converts numbers and booleans. ``FOGLINE_BROKER_URL`` is a
-short alias of ``FOGLINE_MQTT__URL``. Variables whose first level is not an agent field
-are ignored (other Fogline tools share the prefix). Any bad value raises one
-:class:`ConfigError` naming the field and where it came from.
+``FOGLINE_DEVICE_ID=cam-7`` or ``FOGLINE_CAPACITY__MAX_IN_FLIGHT=4``; lists and tables
+are JSON (``FOGLINE_GROUPS='["west"]'``). ``FOGLINE_BROKER_URL`` is a short alias of
+``FOGLINE_MQTT__URL``. Variables whose first level is not an agent field are ignored
+(other Fogline tools share the prefix). Any bad value raises one :class:`ConfigError`
+naming the field and where it came from.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fogline.protocol import (
     DEFAULT_PREFIX,
-    ConfigError,
     Identifier,
     MqttSettings,
     PublicKey,
     SignatureError,
-    TopicError,
+    TopicPrefix,
     Topics,
+    load_settings,
 )
 
 from ._routing import RoutingSettings
@@ -42,7 +39,6 @@ __all__ = [
     "load_config",
 ]
 
-ENV_PREFIX = "FOGLINE_"
 _ENV_ALIASES = {"FOGLINE_BROKER_URL": ("mqtt", "url")}
 
 
@@ -96,7 +92,7 @@ class AgentConfig(BaseModel):
     device_class: Identifier = "generic"
     groups: Annotated[list[Identifier], Field(max_length=32)] = []
     mqtt: MqttSettings = MqttSettings()
-    topic_prefix: str = DEFAULT_PREFIX
+    topic_prefix: TopicPrefix = DEFAULT_PREFIX
     trusted_keys: list[str] = []
     data_dir: Path = Path("fogline-edge-data")
     capacity: CapacityConfig = CapacityConfig()
@@ -118,66 +114,9 @@ class AgentConfig(BaseModel):
                 raise ValueError(exc.message) from None
         return value
 
-    @field_validator("topic_prefix")
-    @classmethod
-    def _check_prefix(cls, value: str) -> str:
-        try:
-            Topics(value)
-        except TopicError as exc:
-            raise ValueError(exc.message) from None
-        return value
-
     @property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
-
-
-def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    fields = set(AgentConfig.model_fields)
-    tree: dict[str, Any] = {}
-    for name in sorted(env):
-        if not name.startswith(ENV_PREFIX):
-            continue
-        path = _ENV_ALIASES.get(name) or tuple(
-            p.lower() for p in name[len(ENV_PREFIX) :].split("__")
-        )
-        if not path or path[0] not in fields:
-            continue
-        raw = env[name]
-        value: Any = raw
-        if raw.lstrip()[:1] in ("[", "{"):
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(
-                    f"config field {'.'.join(path)!r} (from ${name}): {exc}"
-                ) from None
-        node = tree
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"config field {part!r} (from ${name}) is not a table")
-            node = child
-        node[path[-1]] = value
-    return tree
-
-
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _first_error(exc: ValidationError, source: str) -> ConfigError:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "(config)"
-    more = exc.error_count() - 1
-    suffix = f" (+{more} more)" if more > 0 else ""
-    return ConfigError(f"config field {where!r} ({source}): {err['msg']}{suffix}")
 
 
 def load_config(
@@ -186,35 +125,6 @@ def load_config(
     env: Mapping[str, str] | None = None,
     **overrides: Any,
 ) -> AgentConfig:
-    """Load the agent config: TOML file (optional), then ``overrides``, then ``FOGLINE_*``
-    variables from ``env`` (default ``os.environ``). Raises :class:`ConfigError`."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        try:
-            with Path(path).open("rb") as fh:
-                data = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    data = _merge(data, overrides)
-    env_tree = _env_overrides(os.environ if env is None else env)
-    data = _merge(data, env_tree)
-    try:
-        return AgentConfig.model_validate(data)
-    except ValidationError as exc:
-        loc = [str(p) for p in exc.errors()[0]["loc"]]
-        if _in_tree(env_tree, loc):
-            source = "environment FOGLINE_" + "__".join(p.upper() for p in loc)
-        raise _first_error(exc, source) from None
-
-
-def _in_tree(tree: Mapping[str, Any], loc: list[str]) -> bool:
-    node: Any = tree
-    for part in loc:
-        if not isinstance(node, Mapping) or part not in node:
-            return False
-        node = node[part]
-    return bool(loc)
+    """Load the agent config: TOML file (optional), then ``FOGLINE_*`` variables from
+    ``env`` (default ``os.environ``), then ``overrides``. Raises :class:`ConfigError`."""
+    return load_settings(AgentConfig, path, env=env, aliases=_ENV_ALIASES, overrides=overrides)

@@ -1,5 +1,5 @@
 """The contract between Fogline's tiers: messages, codec, topics, signing, the MQTT
-transport and development brokers.
+transport, development brokers and the one settings loader every tool uses.
 
 Everything public is re-exported here; the private modules may change.
 """
@@ -60,6 +60,13 @@ from ._messages import (
     TensorSpec,
 )
 from ._mqtt_settings import MqttSettings, Will
+from ._settings_loader import (
+    TopicPrefix,
+    config_error,
+    load_settings,
+    read_toml,
+    validate_settings,
+)
 from ._signing import (
     PublicKey,
     SigningKey,
@@ -168,6 +175,7 @@ __all__ = [
     "TensorError",
     "TensorSpec",
     "TopicError",
+    "TopicPrefix",
     "Topics",
     "TrainingError",
     "TransportError",
@@ -177,14 +185,18 @@ __all__ = [
     "Will",
     "broker_answers",
     "canonical_bytes",
+    "config_error",
     "decode",
     "decode_envelope",
     "development_broker",
     "encode",
     "free_port",
+    "load_settings",
+    "read_toml",
     "sign_desired",
     "sign_release",
     "validate_id",
+    "validate_settings",
     "verify_desired",
     "verify_release",
 ]

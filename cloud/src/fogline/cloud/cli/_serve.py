@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -21,11 +20,13 @@ import typer
 
 from fogline.protocol import (
     BrokerUnavailableError,
+    ConfigError,
     EmbeddedBroker,
     MosquittoBroker,
     MqttSettings,
     broker_answers,
     development_broker,
+    read_toml,
 )
 
 from .._config import CloudSettings
@@ -53,14 +54,12 @@ app = typer.Typer(name="cloud", help="Run the cloud services.", no_args_is_help=
 
 def fleet_settings_for(settings: CloudSettings, config: Path | None) -> FleetSettings:
     """The fleet monitor's tuning: the config file's ``[fleet]`` table (if it has one),
-    ``FOGLINE_FLEET_*``; the data dir is always the cloud's."""
+    ``FOGLINE_FLEET__*``; the data dir is always the cloud's."""
     path = config if config is not None else settings.data_dir / "cloud.toml"
     has_fleet_table = False
     if path.is_file():
-        try:
-            has_fleet_table = isinstance(tomllib.loads(path.read_text()).get("fleet"), dict)
-        except (OSError, tomllib.TOMLDecodeError):
-            has_fleet_table = False  # load_settings already reported a bad file
+        with contextlib.suppress(ConfigError):  # load_settings already reported a bad file
+            has_fleet_table = isinstance(read_toml(path).get("fleet"), dict)
     return load_fleet_settings(
         path if has_fleet_table else None, overrides={"data_dir": str(settings.data_dir)}
     )

@@ -2,28 +2,29 @@
 environment overrides.
 
 Precedence, lowest first: defaults, the TOML file (its ``[fleet]`` table if it has one,
-else the whole file), the environment, explicit overrides (CLI flags). Environment
-variables: ``FOGLINE_DATA_DIR``, ``FOGLINE_BROKER_URL``, ``FOGLINE_TOPIC_PREFIX`` and
-``FOGLINE_FLEET_<FIELD>`` for the monitor's own fields (e.g.
-``FOGLINE_FLEET_MISSED_HEARTBEATS=5``).
+else the whole file), the environment, explicit overrides (CLI flags); the rules are
+:func:`fogline.protocol.load_settings`'s. Environment variables: ``FOGLINE_FLEET__<FIELD>``
+for any field, ``__`` between levels (``FOGLINE_FLEET__MISSED_HEARTBEATS=5``,
+``FOGLINE_FLEET__THRESHOLDS__P99_HIGH_MS=80``), plus the names shared with the rest of the
+cloud: ``FOGLINE_DATA_DIR``, ``FOGLINE_BROKER_URL`` (``mqtt.url``) and
+``FOGLINE_TOPIC_PREFIX``.
 """
 
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fogline.protocol import (
     DEFAULT_PREFIX,
-    ConfigError,
     MqttSettings,
-    TopicError,
+    TopicPrefix,
     Topics,
+    load_settings,
     validate_id,
 )
 
@@ -32,26 +33,30 @@ from ._summary import AttentionThresholds
 
 __all__ = ["FleetSettings", "default_data_dir", "load_fleet_settings"]
 
-_ENV_FIELDS = (
-    "heartbeat_interval_s",
-    "missed_heartbeats",
-    "shared_group",
-    "metrics_host",
-    "metrics_port",
-)
+ENV_PREFIX = "FOGLINE_FLEET__"
+# Names the fleet shares with the rest of the cloud (and its docs and deployments).
+_ENV_ALIASES = {
+    "FOGLINE_DATA_DIR": ("data_dir",),
+    "FOGLINE_BROKER_URL": ("mqtt", "url"),
+    "FOGLINE_TOPIC_PREFIX": ("topic_prefix",),
+}
+DEFAULT_DATA_DIR = Path("./var/fogline")
 
 
 def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
+    """``$FOGLINE_DATA_DIR`` (from ``env``, default ``os.environ``), else the default."""
     env = os.environ if env is None else env
-    return Path(env.get("FOGLINE_DATA_DIR") or "./var/fogline")
+    return Path(env.get("FOGLINE_DATA_DIR") or DEFAULT_DATA_DIR)
 
 
 class FleetSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    data_dir: Path = Field(default_factory=default_data_dir)
+    # Not read from the environment here: load_fleet_settings does that, so ``env={}``
+    # really means "no environment".
+    data_dir: Path = DEFAULT_DATA_DIR
     mqtt: MqttSettings = MqttSettings()
-    topic_prefix: str = DEFAULT_PREFIX
+    topic_prefix: TopicPrefix = DEFAULT_PREFIX
     heartbeat_interval_s: float = Field(default=10.0, gt=0, le=3600)
     missed_heartbeats: int = Field(default=3, ge=1, le=100)
     shared_group: str | None = None
@@ -64,15 +69,6 @@ class FleetSettings(BaseModel):
     def _check_group(cls, value: str | None) -> str | None:
         return None if value is None else validate_id(value, "shared group")
 
-    @field_validator("topic_prefix")
-    @classmethod
-    def _check_prefix(cls, value: str) -> str:
-        try:
-            Topics(value)
-        except TopicError as exc:
-            raise ValueError(exc.message) from None
-        return value
-
     @property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
@@ -82,16 +78,6 @@ class FleetSettings(BaseModel):
         return self.data_dir / FLEET_DB_NAME
 
 
-def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(out[key], value)
-        elif value is not None:
-            out[key] = value
-    return out
-
-
 def load_fleet_settings(
     path: Path | None = None,
     *,
@@ -99,33 +85,13 @@ def load_fleet_settings(
     overrides: Mapping[str, Any] | None = None,
 ) -> FleetSettings:
     """Load settings; any problem is one :class:`ConfigError` naming the field."""
-    env = os.environ if env is None else env
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = tomllib.loads(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        data = raw["fleet"] if isinstance(raw.get("fleet"), dict) else raw
-    from_env: dict[str, Any] = {}
-    if env.get("FOGLINE_DATA_DIR"):
-        from_env["data_dir"] = env["FOGLINE_DATA_DIR"]
-    if env.get("FOGLINE_BROKER_URL"):
-        from_env["mqtt"] = {"url": env["FOGLINE_BROKER_URL"]}
-    if env.get("FOGLINE_TOPIC_PREFIX"):
-        from_env["topic_prefix"] = env["FOGLINE_TOPIC_PREFIX"]
-    for name in _ENV_FIELDS:
-        value = env.get(f"FOGLINE_FLEET_{name.upper()}")
-        if value:
-            from_env[name] = value
-    data = _merge(_merge(data, from_env), overrides or {})
-    try:
-        # Environment values are strings: lax mode converts "5" to 5 and says which
-        # field was wrong when it cannot.
-        return FleetSettings.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(settings)"
-        raise ConfigError(f"fleet config: {where}: {err['msg']}") from None
+    return load_settings(
+        FleetSettings,
+        path,
+        section="fleet",
+        env=env,
+        env_prefix=ENV_PREFIX,
+        aliases=_ENV_ALIASES,
+        strict_env=True,
+        overrides=overrides,
+    )
