@@ -6,6 +6,7 @@ a test asks for it). A missing ``mosquitto`` is an error, never a skip: CI insta
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -17,6 +18,21 @@ from fogline.protocol import EmbeddedBroker, MosquittoBroker, MqttSettings
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging() -> Iterator[None]:
+    """CLI commands run in-process (typer's CliRunner) install log handlers bound to a
+    captured stream that closes with the test; later log lines would hit it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
