@@ -248,3 +248,17 @@ def test_anonymous_and_unknown_clients_are_refused(
         MqttTransport(settings).connect(timeout=WAIT)
     # Still "a broker answers": development_broker() must not start a second one here.
     assert broker_answers(deployment.broker.host, deployment.broker.port)
+
+
+def test_device_reads_multicast_artifact_chunks_but_cannot_forge_them(
+    connect: Callable[..., MqttTransport],
+) -> None:
+    sha = "b" * 64
+    device = connect("dev-1")
+    got = Inbox()
+    device.subscribe(TOPICS.artifact_chunks(sha), got, wait=True)
+    other = connect("dev-2")
+    other.publish(TOPICS.artifact_chunks(sha), b"forged chunk", qos=1, wait=True)
+    cloud = connect("fogline-cloud")
+    cloud.publish(TOPICS.artifact_chunks(sha), b"chunk", qos=1, wait=True)
+    assert got.wait_for(1) == [(TOPICS.artifact_chunks(sha), b"chunk")]

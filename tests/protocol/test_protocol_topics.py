@@ -73,6 +73,7 @@ def build_all(topics: Topics, ident: str, sha: str, version: int) -> list[tuple[
     return [
         (topics.release(ident, version), ParsedTopic("release", model=ident, version=version)),
         (topics.artifact_get(sha), ParsedTopic("artifact_get", sha256=sha)),
+        (topics.artifact_chunks(sha), ParsedTopic("artifact_chunks", sha256=sha)),
         (topics.fleet_desired(), ParsedTopic("fleet_desired")),
         (topics.group_desired(ident), ParsedTopic("group_desired", group=ident)),
         (topics.device_desired(ident), ParsedTopic("device_desired", device_id=ident)),
@@ -108,6 +109,7 @@ def test_filters_match_what_the_builders_build(
         (t.releases_of(ident), t.release(ident, version)),
         (t.all_releases(), t.release(ident, version)),
         (t.all_artifact_gets(), t.artifact_get(sha)),
+        (t.all_artifact_chunks(), t.artifact_chunks(sha)),
         (t.inbox_filter(ident), t.inbox(ident, "artifacts")),
         (t.inbox_filter(ident), t.inbox(ident)),
         (t.all_infer_requests(), t.infer_requests(ident)),
@@ -127,6 +129,7 @@ def test_filters_do_not_parse() -> None:
         t.all_releases(),
         t.releases_of("m"),
         t.all_artifact_gets(),
+        t.all_artifact_chunks(),
         t.inbox_filter("d"),
         t.all_infer_requests(),
         t.all_device("state"),
@@ -139,6 +142,7 @@ def test_the_default_layout() -> None:
     t = Topics()
     assert t.release("digits", 3) == "fogline/v1/models/digits/releases/3"
     assert t.artifact_get("a" * 64) == f"fogline/v1/artifacts/{'a' * 64}/get"
+    assert t.artifact_chunks("a" * 64) == f"fogline/v1/artifacts/{'a' * 64}/chunks"
     assert t.fleet_desired() == "fogline/v1/fleet/desired"
     assert t.group_desired("canary") == "fogline/v1/groups/canary/desired"
     assert t.device_desired("d1") == "fogline/v1/devices/d1/desired"

@@ -11,6 +11,18 @@ checked against its sha256 once when loaded) together with each chunk's hash: a 
 costs no disk read and no hashing. Chunk replies go out at QoS 0: the device verifies
 every chunk and re-requests any that does not arrive, so broker acknowledgements would
 only add round trips. Error replies stay at QoS 1.
+
+Request coalescing: in a rollout N devices ask for the same pieces within a second or
+two, and N unicast copies through this one connection were most of the rollout's time.
+A request with ``multicast`` set (its sender is subscribed to
+``artifacts/{sha256}/chunks`` while it downloads) joins a batch for its (sha256, offset,
+length); the batch goes out ONCE on that topic, and the broker copies it to every
+subscriber, when no request has joined it for ``coalesce_s`` or ``coalesce_max_s`` after
+it opened, whichever comes first (a lone device waits ``coalesce_s``; a burst is not
+cut into many batches, each of which every waiting subscriber would receive). The
+encoded multicast messages of recent pieces are kept: a second batch costs no encoding.
+Still nothing is pushed unasked: a piece is published only because a device asked for
+it. Devices verify every piece as before and fall back to unicast requests on timeout.
 """
 
 from __future__ import annotations
@@ -18,7 +30,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -47,6 +61,10 @@ __all__ = ["ArtifactService"]
 log = logging.getLogger("fogline.cloud.artifacts")
 
 _CACHE_BYTES = 256 * 1024 * 1024
+_COALESCE_S = 0.05
+_COALESCE_MAX_S = 1.0
+_MULTICAST_ID = "multicast"  # a multicast chunk answers many requests: no one's id
+_ENCODED_PIECES = 32
 
 
 class _ArtifactCache:
@@ -105,9 +123,13 @@ class ArtifactService:
         max_reply_bytes: int = MAX_CHUNK_SIZE,
         workers: int = 4,
         cache_bytes: int = _CACHE_BYTES,
+        coalesce_s: float = _COALESCE_S,
+        coalesce_max_s: float = _COALESCE_MAX_S,
     ) -> None:
         if not 0 < max_reply_bytes <= MAX_CHUNK_SIZE:
             raise ValueError(f"max_reply_bytes must be in 1..{MAX_CHUNK_SIZE}")
+        if not 0 <= coalesce_s <= coalesce_max_s <= 10:
+            raise ValueError("need 0 <= coalesce_s <= coalesce_max_s <= 10 seconds")
         self.transport = transport
         self.store = store
         self.topics = topics or Topics()
@@ -119,7 +141,11 @@ class ArtifactService:
         self._cache = _ArtifactCache(store, cache_bytes)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._batcher = _Batcher(coalesce_s, coalesce_max_s, self._multicast)
+        self._encoded: OrderedDict[tuple[str, int, int], list[bytes]] = OrderedDict()
         self.chunks_served = 0
+        self.chunks_multicast = 0
+        self.requests_coalesced = 0
         self.errors_replied = 0
         self.dropped = 0
 
@@ -131,6 +157,7 @@ class ArtifactService:
         if self._pool is not None:
             return
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="fogline-artifacts")
+        self._batcher.start()
         self.transport.subscribe(self._filter, self._on_message, qos=1)
         log.info("artifact service listening on %s", self._filter)
 
@@ -140,6 +167,7 @@ class ArtifactService:
             return
         self.transport.unsubscribe(self._filter)
         pool.shutdown(wait=True, cancel_futures=True)
+        self._batcher.close()  # unsent batches are dropped: devices re-request on timeout
 
     def __enter__(self) -> ArtifactService:
         self.start()
@@ -205,19 +233,52 @@ class ArtifactService:
             message = f"offset {request.offset} is outside artifact {request.sha256} ({total} B)"
             self._error(request.reply_to, request.correlation_id, ArtifactError.code, message)
             return
-        end = min(request.offset + request.length, total)
-        for start in range(request.offset, end, self.max_reply_bytes):
-            piece = artifact[start : min(start + self.max_reply_bytes, end)]
-            chunk = ArtifactChunk(
-                correlation_id=request.correlation_id,
-                sha256=request.sha256,
-                offset=start,
-                total_size=total,
-                chunk_sha256=self._cache.piece_hash(request.sha256, start, piece),
-                data=piece,
-            )
+        if request.multicast:
+            if not self._batcher.add(request):
+                self._count("requests_coalesced")
+            return
+        for chunk in self._pieces(request, artifact):
             self.transport.publish(request.reply_to, encode(chunk), qos=0)
             self._count("chunks_served")
+
+    def _pieces(self, request: ChunkRequest, artifact: bytes) -> list[ArtifactChunk]:
+        total = len(artifact)
+        end = min(request.offset + request.length, total)
+        chunks = []
+        for start in range(request.offset, end, self.max_reply_bytes):
+            piece = artifact[start : min(start + self.max_reply_bytes, end)]
+            chunks.append(
+                ArtifactChunk(
+                    correlation_id=request.correlation_id,
+                    sha256=request.sha256,
+                    offset=start,
+                    total_size=total,
+                    chunk_sha256=self._cache.piece_hash(request.sha256, start, piece),
+                    data=piece,
+                )
+            )
+        return chunks
+
+    def _multicast(self, request: ChunkRequest) -> None:
+        """Publish one batch (batcher thread): the first request stands for them all."""
+        key = (request.sha256, request.offset, request.length)
+        try:
+            payloads = self._encoded.get(key)
+            if payloads is None:
+                artifact = self._cache.get(request.sha256)
+                anon = request.model_copy(update={"correlation_id": _MULTICAST_ID})
+                payloads = [encode(chunk) for chunk in self._pieces(anon, artifact)]
+                self._encoded[key] = payloads
+                while len(self._encoded) > _ENCODED_PIECES:
+                    self._encoded.popitem(last=False)
+            self._encoded.move_to_end(key)
+            topic = self.topics.artifact_chunks(request.sha256)
+            for payload in payloads:
+                self.transport.publish(topic, payload, qos=0)
+                self._count("chunks_multicast")
+        except FoglineError as exc:  # devices time out and re-request by unicast
+            self._count("dropped")
+            log.warning("multicast of %s@%d failed: %s", request.sha256, request.offset, exc)
 
     def _reject_malformed(self, msg: MqttMessage, exc: DecodeError) -> None:
         reply_to, correlation_id = _salvage_reply(msg.payload)
@@ -237,9 +298,80 @@ class ArtifactService:
         with self._lock:
             return {
                 "chunks_served": self.chunks_served,
+                "chunks_multicast": self.chunks_multicast,
+                "requests_coalesced": self.requests_coalesced,
                 "errors_replied": self.errors_replied,
                 "dropped": self.dropped,
             }
+
+
+class _Batcher:
+    """Requests for the same piece become one batch, published (by ``flush``, on this
+    batcher's thread) once no request joined it for ``quiet`` seconds, or ``limit``
+    seconds after it opened."""
+
+    def __init__(self, quiet: float, limit: float, flush: Callable[[ChunkRequest], None]) -> None:
+        self._quiet = quiet
+        self._limit = limit
+        self._flush = flush
+        self._cond = threading.Condition()
+        # key -> [first request, opened at, last joined at]
+        self._open: dict[tuple[str, int, int], tuple[ChunkRequest, float, float]] = {}
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        with self._cond:
+            self._closed = False
+            self._open.clear()
+        self._thread = threading.Thread(target=self._run, name="fogline-artifacts-batch")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def add(self, request: ChunkRequest) -> bool:
+        """True if this request opened a new batch; False if it joined an open one."""
+        key = (request.sha256, request.offset, request.length)
+        now = time.monotonic()
+        with self._cond:
+            batch = self._open.get(key)
+            if batch is not None:
+                self._open[key] = (batch[0], batch[1], now)
+                return False
+            self._open[key] = (request, now, now)
+            self._cond.notify_all()
+            return True
+
+    def _due_at(self, batch: tuple[ChunkRequest, float, float]) -> float:
+        return min(batch[2] + self._quiet, batch[1] + self._limit)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        return
+                    now = time.monotonic()
+                    due = [(self._due_at(b), k) for k, b in self._open.items()]
+                    ready = [k for at, k in due if at <= now]
+                    if ready:
+                        # Closed before publishing: a request arriving from now on opens
+                        # a new batch, so no device can miss the publish it asked for.
+                        requests = [self._open.pop(k)[0] for k in ready]
+                        break
+                    self._cond.wait(min(at for at, _ in due) - now if due else None)
+            for request in requests:
+                try:
+                    self._flush(request)
+                except Exception:
+                    log.exception("artifact multicast failed")
 
 
 def _salvage_reply(payload: bytes) -> tuple[str | None, str | None]:

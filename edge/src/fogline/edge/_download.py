@@ -5,10 +5,19 @@ as ``reply_to``, keeps a window of requests in flight, checks every chunk (offse
 hash) on arrival, and writes it into the :class:`PartialArtifact`. Lost replies time
 out and are re-requested; while the broker is unreachable it waits instead of burning
 retries. The whole-file hash is checked by the caller.
+
+While it downloads, the fetcher also subscribes to ``artifacts/{sha}/chunks`` and marks
+its first request for each chunk ``multicast``: the artifact service then answers every
+device that asked for that chunk at about the same time with one publish there, which
+the broker fans out. Such a chunk is matched by offset (its correlation id is another
+device's) and checked exactly like a unicast one. A retry (timeout, bad chunk) asks for
+a unicast reply on the inbox, so an old service, a broker whose ACL refuses the
+subscription, or a lost multicast costs one timeout and nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import queue
@@ -38,6 +47,8 @@ __all__ = ["ArtifactFetcher", "DownloadStoppedError"]
 
 log = logging.getLogger("fogline.edge.download")
 
+_SYNC_BYTES = 8 * 1024 * 1024
+
 
 class DownloadStoppedError(Exception):
     """The agent is stopping; the partial download stays on disk for next time."""
@@ -50,22 +61,36 @@ class _Pending:
     attempts: int
 
 
+_Reply = tuple[ArtifactChunk | ErrorReply, bool]  # (reply, arrived by multicast)
+
+
 class ArtifactFetcher:
-    """Fetches artifacts for one agent; replies arrive on its ``inbox/artifacts`` topic."""
+    """Fetches artifacts for one agent; replies arrive on its ``inbox/artifacts`` topic,
+    or, with ``multicast``, on the artifact's shared ``chunks`` topic."""
 
     def __init__(
-        self, transport: MqttTransport, topics: Topics, device_id: str, settings: DeliveryConfig
+        self,
+        transport: MqttTransport,
+        topics: Topics,
+        device_id: str,
+        settings: DeliveryConfig,
+        *,
+        multicast: bool = True,
     ) -> None:
         self._transport = transport
         self._topics = topics
         self._device_id = device_id
         self._settings = settings
+        self._multicast_wanted = multicast
         self.reply_topic = topics.inbox(device_id, "artifacts")
-        self._replies: queue.Queue[ArtifactChunk | ErrorReply] = queue.Queue()
+        self._replies: queue.Queue[_Reply] = queue.Queue()
         self._lock = threading.Lock()
         self._active: set[str] = set()  # correlation ids we wait for
+        self._fetching: str | None = None  # sha256 whose multicast chunks we take
+        self._multicast = False  # subscribed to the current artifact's chunks topic
         self.requests_sent = 0
         self.bad_chunks = 0
+        self.multicast_chunks = 0
 
     def subscribe(self) -> None:
         self._transport.subscribe(self.reply_topic, self._on_reply, qos=1)
@@ -83,7 +108,32 @@ class ArtifactFetcher:
         with self._lock:
             if reply.correlation_id not in self._active:
                 return  # late duplicate of a retried request
-        self._replies.put(reply)
+        self._replies.put((reply, False))
+
+    def _on_multicast(self, msg: MqttMessage) -> None:
+        try:
+            reply = decode(msg.payload, ArtifactChunk)
+        except DecodeError as exc:
+            log.warning("dropped an undecodable multicast chunk: %s", exc)
+            return
+        with self._lock:
+            if reply.sha256 != self._fetching:
+                return  # another artifact's chunk, or we are done
+        self._replies.put((reply, True))
+
+    def _subscribe_chunks(self, sha256: str) -> bool:
+        if not self._multicast_wanted:
+            return False
+        try:
+            self._transport.subscribe(
+                self._topics.artifact_chunks(sha256), self._on_multicast, qos=0, wait=True
+            )
+        except FoglineError as exc:  # e.g. an ACL without artifacts/+/chunks: unicast only
+            log.info("no multicast chunks for %s (%s); unicast only", sha256[:12], exc)
+            with contextlib.suppress(FoglineError):
+                self._transport.unsubscribe(self._topics.artifact_chunks(sha256))
+            return False
+        return True
 
     def _request(
         self, part: PartialArtifact, pending: dict[str, _Pending], index: int, attempts: int
@@ -97,6 +147,7 @@ class ArtifactFetcher:
             offset=offset,
             length=length,
             device_id=self._device_id,
+            multicast=self._multicast and attempts == 0,
         )
         with self._lock:
             self._active.add(corr)
@@ -120,6 +171,13 @@ class ArtifactFetcher:
         todo.reverse()  # pop() from the end takes the lowest index first
         pending: dict[str, _Pending] = {}
         retries: list[tuple[int, int]] = []  # (index, attempts so far)
+        if not todo:
+            return
+        with self._lock:
+            self._fetching = part.sha256
+        # Subscribed (acknowledged) before the first request, so no multicast answering
+        # it can pass us by.
+        self._multicast = self._transport.connected and self._subscribe_chunks(part.sha256)
         try:
             while todo or retries or pending:
                 if stop.is_set():
@@ -144,6 +202,12 @@ class ArtifactFetcher:
         finally:
             for corr in list(pending):
                 self._forget(pending, corr)
+            with self._lock:
+                self._fetching = None
+            if self._multicast:
+                self._multicast = False
+                with contextlib.suppress(FoglineError):
+                    self._transport.unsubscribe(self._topics.artifact_chunks(part.sha256))
 
     def _receive(
         self, part: PartialArtifact, pending: dict[str, _Pending], retries: list[tuple[int, int]]
@@ -151,16 +215,24 @@ class ArtifactFetcher:
         now = time.monotonic()
         next_deadline = min((p.deadline for p in pending.values()), default=now + 0.5)
         try:
-            reply = self._replies.get(timeout=max(0.01, min(next_deadline - now, 0.5)))
+            reply, multicast = self._replies.get(timeout=max(0.01, min(next_deadline - now, 0.5)))
         except queue.Empty:
-            reply = None
+            reply, multicast = None, False
         if reply is not None:
-            p = self._forget(pending, reply.correlation_id)
+            if multicast:
+                assert isinstance(reply, ArtifactChunk)
+                p = self._claim(part, pending, reply)
+            else:
+                p = self._forget(pending, reply.correlation_id)
             if p is not None:
                 problem = self._check(part, p.index, reply)
                 if problem is None:
                     assert isinstance(reply, ArtifactChunk)
-                    part.write(p.index, reply.data)
+                    # One sync per group of chunks (all of a small artifact): flushed
+                    # when the window is drained, every few MiB, and on close.
+                    part.write(p.index, reply.data, sync=False)
+                    if not pending or part.unsynced_bytes >= _SYNC_BYTES:
+                        part.flush()
                 else:
                     self._retry(p, problem, retries)
         now = time.monotonic()
@@ -168,6 +240,19 @@ class ArtifactFetcher:
             p = self._forget(pending, corr)
             if p is not None:
                 self._retry(p, "no reply in time", retries)
+
+    def _claim(
+        self, part: PartialArtifact, pending: dict[str, _Pending], chunk: ArtifactChunk
+    ) -> _Pending | None:
+        """The pending request a multicast chunk answers (by offset), if any."""
+        if chunk.sha256 != part.sha256 or chunk.offset % part.chunk_size:
+            return None
+        index = chunk.offset // part.chunk_size
+        corr = next((c for c, p in pending.items() if p.index == index), None)
+        if corr is None:
+            return None  # not asked for (any more): already written, or not yet requested
+        self.multicast_chunks += 1
+        return self._forget(pending, corr)
 
     def _check(
         self, part: PartialArtifact, index: int, reply: ArtifactChunk | ErrorReply

@@ -451,7 +451,8 @@ class ReleaseManager:
             raise ReleaseRejectedError(
                 "hash_mismatch", f"artifact hashes to {digest}, manifest says {sha256}"
             )
-        placed = self._store.place(model, version, sha256, part.path, move=True)
+        # close() flushed every chunk; commit() syncs the directory after the rename.
+        placed = self._store.place(model, version, sha256, part.path, move=True, synced=True)
         with contextlib.suppress(OSError):
             part.discard()
         return placed

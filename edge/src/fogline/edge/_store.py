@@ -8,8 +8,14 @@
 Every write that matters is atomic: temp file, fsync, rename, fsync of the directory.
 A chunk index is appended only after its bytes are synced (``fdatasync``), so after a
 crash the record never claims a chunk that is not on disk; a restart re-requests only
-missing chunks. The record itself is not synced: losing its tail only means fetching
-those chunks again, and a torn last line (no newline) is ignored. Likewise the
+missing chunks. Chunks are written as they arrive and synced in groups (``flush``: one
+``fdatasync`` for every chunk written since the last one, then their indices are
+recorded), so a small artifact costs one sync, not one per chunk. A verified download
+is therefore already on disk when it is installed: moving it into place needs only the
+rename, and the ``fsync`` of the model directory that ``commit`` does for ``state.json``
+makes that rename durable too (same directory), before the model becomes current.
+The record itself is not synced: losing its tail only means fetching those chunks
+again, and a torn last line (no newline) is ignored. Likewise the
 ``.meta`` file: without it the partial download is started over. The whole-file hash
 checked before install backs all of this up.
 
@@ -99,6 +105,7 @@ class PartialArtifact:
         self.record = directory / f"{sha256}.chunks"
         self._meta = directory / f"{sha256}.meta"
         self.done: set[int] = set()
+        self._unsynced: list[int] = []  # written, not yet synced nor recorded
         self._closed = False
         self._open()
 
@@ -127,8 +134,13 @@ class PartialArtifact:
         offset = index * self.chunk_size
         return offset, min(self.chunk_size, self.size - offset)
 
-    def write(self, index: int, data: bytes) -> None:
-        """Write a verified chunk, sync it, then record it."""
+    @property
+    def unsynced_bytes(self) -> int:
+        return sum(self.span(i)[1] for i in self._unsynced)
+
+    def write(self, index: int, data: bytes, *, sync: bool = True) -> None:
+        """Write a verified chunk; with ``sync`` also :meth:`flush`. A chunk written
+        without it counts as done but is recorded only by the next flush."""
         offset, length = self.span(index)
         if len(data) != length:
             raise ArtifactError(f"chunk {index} is {len(data)} bytes; expected {length}")
@@ -137,21 +149,39 @@ class PartialArtifact:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+        self.done.add(index)
+        self._unsynced.append(index)
+        if sync:
+            self.flush()
+
+    def flush(self) -> None:
+        """Sync every chunk written since the last flush, then record them."""
+        if not self._unsynced or self._closed:
+            return
+        # fdatasync through a fresh descriptor covers writes made through earlier ones.
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
             os.fdatasync(fd)
         finally:
             os.close(fd)
         with open(self.record, "a") as rec:
-            rec.write(f"{index}\n")
-        self.done.add(index)
+            rec.write("".join(f"{i}\n" for i in self._unsynced))
+        self._unsynced.clear()
 
     def close(self) -> None:
-        """Idempotent; later writes raise :class:`ArtifactError`. No descriptor is held
-        between writes, so a second close can never touch another agent's file."""
+        """Flush, then close; idempotent; later writes raise :class:`ArtifactError`. No
+        descriptor is held between writes, so a second close can never touch another
+        agent's file."""
+        if not self._closed:
+            self.flush()
         self._closed = True
 
     def discard(self) -> None:
         """Forget every chunk (e.g. after a whole-file hash mismatch)."""
-        self.close()
+        self._closed = True
+        self._unsynced.clear()
         for p in (self.path, self.record, self._meta):
             p.unlink(missing_ok=True)
         self.done.clear()
@@ -209,20 +239,35 @@ class ModelStore:
         return PartialArtifact(self.downloads_dir, sha256, size, chunk_size)
 
     # -- installing ----------------------------------------------------------------------------
-    def place(self, model: str, version: int, sha256: str, source: Path, *, move: bool) -> Path:
-        """Put a verified artifact under ``models/<model>/`` atomically; not yet current."""
+    def place(
+        self,
+        model: str,
+        version: int,
+        sha256: str,
+        source: Path,
+        *,
+        move: bool,
+        synced: bool = False,
+    ) -> Path:
+        """Put a verified artifact under ``models/<model>/`` atomically; not yet current.
+
+        ``synced``: ``source`` is a flushed :class:`PartialArtifact` (its data already
+        synced), and the caller will :meth:`commit` it, whose directory fsync also makes
+        this rename durable; then no sync is needed here."""
         directory = self.models_dir / model
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / f"{version}-{sha256[:16]}.onnx"
         if target.exists():
             return target
         if move:
-            with open(source, "rb+") as fh:
-                os.fsync(fh.fileno())
+            if not synced:
+                with open(source, "rb+") as fh:
+                    os.fsync(fh.fileno())
             source.replace(target)
         else:
             atomic_write(target, source.read_bytes())
-        _fsync_dir(directory)
+        if not synced:
+            _fsync_dir(directory)
         return target
 
     def commit(self, record: InstalledModel) -> None:

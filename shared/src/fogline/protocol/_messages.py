@@ -264,7 +264,13 @@ class DeviceEvent(Message):
 
 
 class ChunkRequest(Message):
-    """Ask the artifact service for ``length`` bytes of an artifact from ``offset``."""
+    """Ask the artifact service for ``length`` bytes of an artifact from ``offset``.
+
+    With ``multicast`` the requester is subscribed to ``artifacts/{sha256}/chunks`` and
+    the service may answer there, once for every device that asked for the same piece
+    within a short window, instead of on ``reply_to``. Such a reply's
+    ``correlation_id`` is not the requester's: it matches on sha256 and offset.
+    """
 
     message_type: ClassVar[str] = "chunk_request"
 
@@ -274,6 +280,7 @@ class ChunkRequest(Message):
     offset: Count
     length: Annotated[int, Field(gt=0, le=MAX_CHUNK_SIZE)]
     device_id: Identifier | None = None
+    multicast: bool = False
 
 
 class ArtifactChunk(Message):

@@ -20,6 +20,7 @@ DEFAULT_PREFIX = "fogline/v1"
 TopicKind = Literal[
     "release",
     "artifact_get",
+    "artifact_chunks",
     "fleet_desired",
     "group_desired",
     "device_desired",
@@ -91,6 +92,14 @@ class Topics:
     def all_artifact_gets(self) -> str:
         return f"{self.prefix}/artifacts/+/get"
 
+    def artifact_chunks(self, sha256: str) -> str:
+        """Where the artifact service multicasts chunks that several devices asked for
+        (requests with ``multicast``); a device subscribes only while it downloads."""
+        return f"{self.prefix}/artifacts/{_check_sha256(sha256)}/chunks"
+
+    def all_artifact_chunks(self) -> str:
+        return f"{self.prefix}/artifacts/+/chunks"
+
     def fleet_desired(self) -> str:
         return f"{self.prefix}/fleet/desired"
 
@@ -153,6 +162,8 @@ class Topics:
                 return ParsedTopic("release", model=model_id, version=int(version))
             case ["artifacts", sha, "get"]:
                 return ParsedTopic("artifact_get", sha256=_check_sha256(sha))
+            case ["artifacts", sha, "chunks"]:
+                return ParsedTopic("artifact_chunks", sha256=_check_sha256(sha))
             case ["fleet", "desired"]:
                 return ParsedTopic("fleet_desired")
             case ["groups", group, "desired"]:
