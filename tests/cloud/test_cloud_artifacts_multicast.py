@@ -10,6 +10,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,7 +59,7 @@ def service_factory(
 ) -> Iterator[Callable[..., ArtifactService]]:
     made: list[ArtifactService] = []
 
-    def make(**kwargs: float) -> ArtifactService:
+    def make(**kwargs: Any) -> ArtifactService:
         svc = ArtifactService(connect(), ArtifactStore(tmp_path / "store"), topics=topics, **kwargs)
         made.append(svc)
         svc.start()
