@@ -6,7 +6,9 @@ artifact in chunks from the cloud's real ``ArtifactService`` over the same Mosqu
 
 Floor, in the same run and on the same broker: one plain paho-mqtt publisher sends the
 same bytes once to N plain paho-mqtt subscribers; time from publish until all N have
-them. The ratio is Fogline / floor; the target is at most 3x at N = 200.
+them. The ratio is Fogline / floor; the target is at most 3x at N = 200. Also printed:
+the artifact service's publishes (multicast batches vs. unicast replies), which request
+coalescing keeps far below 2 x N.
 
     .venv/bin/python bench/rollout.py              # N = 50, 100, 200
     .venv/bin/python bench/rollout.py --sizes 20   # quick look
@@ -76,7 +78,7 @@ def build_model(hidden: int = 4096, seed: int = 0) -> bytes:
 
 def fogline_rollout(
     n: int, settings: MqttSettings, artifact: bytes, store: ArtifactStore, root: Path
-) -> float:
+) -> tuple[float, dict[str, int]]:
     topics = Topics(f"bench/{uuid.uuid4().hex[:8]}")
     key = SigningKey.generate()
     digest = store.put_bytes(artifact)
@@ -149,7 +151,7 @@ def fogline_rollout(
         elapsed = time.perf_counter() - started
         if late:
             raise RuntimeError(f"{len(late)} agents never served v1: {late[:5]}")
-        return elapsed
+        return elapsed, service.stats()
     finally:
         fleet.stop()
         service.close()
@@ -220,14 +222,16 @@ def main() -> None:
             for n in args.sizes:
                 floor = paho_floor(n, settings, artifact)
                 try:
-                    fogline = fogline_rollout(n, settings, artifact, store, root)
+                    fogline, stats = fogline_rollout(n, settings, artifact, store, root)
                 except ConfigError as exc:  # e.g. a hard RLIMIT_NOFILE too low for N agents
                     print(f"N={n:4d}  not run: {exc}", flush=True)
                     continue
                 rows.append((n, fogline, floor))
                 print(
                     f"N={n:4d}  fogline {fogline:7.2f}s  paho floor {floor:6.2f}s  "
-                    f"ratio {fogline / floor:6.1f}x",
+                    f"ratio {fogline / floor:6.1f}x  service: "
+                    f"{stats['chunks_multicast']} multicast + {stats['chunks_served']} unicast "
+                    f"chunk publishes, {stats['requests_coalesced']} requests coalesced",
                     flush=True,
                 )
         finally:

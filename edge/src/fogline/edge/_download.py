@@ -48,6 +48,7 @@ __all__ = ["ArtifactFetcher", "DownloadStoppedError"]
 log = logging.getLogger("fogline.edge.download")
 
 _SYNC_BYTES = 8 * 1024 * 1024
+_SYNC_AFTER_S = 0.25
 
 
 class DownloadStoppedError(Exception):
@@ -91,6 +92,7 @@ class ArtifactFetcher:
         self.requests_sent = 0
         self.bad_chunks = 0
         self.multicast_chunks = 0
+        self._unsynced_since = 0.0
 
     def subscribe(self) -> None:
         self._transport.subscribe(self.reply_topic, self._on_reply, qos=1)
@@ -228,10 +230,18 @@ class ArtifactFetcher:
                 problem = self._check(part, p.index, reply)
                 if problem is None:
                     assert isinstance(reply, ArtifactChunk)
-                    # One sync per group of chunks (all of a small artifact): flushed
-                    # when the window is drained, every few MiB, and on close.
+                    # One sync per group of chunks (all of a small artifact in a
+                    # burst): flushed when the window is drained, every few MiB, a
+                    # moment after the group's first write (a slow link records its
+                    # progress as it goes), and on close.
+                    if not part.unsynced_bytes:
+                        self._unsynced_since = time.monotonic()
                     part.write(p.index, reply.data, sync=False)
-                    if not pending or part.unsynced_bytes >= _SYNC_BYTES:
+                    if (
+                        not pending
+                        or part.unsynced_bytes >= _SYNC_BYTES
+                        or time.monotonic() - self._unsynced_since >= _SYNC_AFTER_S
+                    ):
                         part.flush()
                 else:
                     self._retry(p, problem, retries)
