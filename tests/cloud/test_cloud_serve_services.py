@@ -489,7 +489,7 @@ def test_cli_with_its_own_local_ray_leaves_nothing_behind(
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         assert json.loads(out.strip().splitlines()[-1])["event"] == "stopped"
-        wait_until(lambda: session_processes(proc.pid) == [], timeout_s=30)
+        wait_until(lambda: session_processes(proc.pid) == [], timeout_s=90)
     finally:
         if proc.poll() is None:
             proc.kill()
