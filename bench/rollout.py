@@ -1,4 +1,5 @@
-"""Rollout benchmark: a ~1 MB signed model release to N simulated agents in one process.
+"""Rollout benchmark: a ~1 MB signed model release to N simulated agents, in one process
+and spread over K worker processes.
 
 Measured: the time from publishing the release (and the fleet-wide desired state) until
 every agent serves the new version (``Agent.wait_for_version``). Agents fetch the
@@ -10,19 +11,33 @@ them. The ratio is Fogline / floor; the target is at most 3x at N = 200. Also pr
 the artifact service's publishes (multicast batches vs. unicast replies), which request
 coalescing keeps far below 2 x N.
 
-    .venv/bin/python bench/rollout.py              # N = 50, 100, 200
-    .venv/bin/python bench/rollout.py --sizes 20   # quick look
+With ``--processes K`` (default 4) every size also runs with the N agents spread over K
+worker processes (``bench/_rollout_worker.py``, ~N/K agents each, one ``SimulatedFleet``
+per worker) and the floor with the same split (N subscribers over K processes); the
+artifact service and the publisher stay in this process. ``--processes 1`` runs only the
+single-process rows.
+
+    .venv/bin/python bench/rollout.py                            # N = 50, 100, 200
+    .venv/bin/python bench/rollout.py --sizes 50 100 200 --processes 4
+    .venv/bin/python bench/rollout.py --sizes 20 --processes 1   # quick look
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import queue
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -52,6 +67,7 @@ from fogline.protocol import (
 
 MODEL = "bench-model"
 CHUNK = MAX_CHUNK_SIZE  # 1 MiB: two requests for the ~1.2 MB artifact
+WORKER = Path(__file__).with_name("_rollout_worker.py")
 
 
 def build_model(hidden: int = 4096, seed: int = 0) -> bytes:
@@ -76,22 +92,82 @@ def build_model(hidden: int = 4096, seed: int = 0) -> bytes:
     return bytes(model.SerializeToString())
 
 
-def fogline_rollout(
-    n: int, settings: MqttSettings, artifact: bytes, store: ArtifactStore, root: Path
-) -> tuple[float, dict[str, int]]:
-    topics = Topics(f"bench/{uuid.uuid4().hex[:8]}")
-    key = SigningKey.generate()
-    digest = store.put_bytes(artifact)
-    cloud = MqttTransport(settings, client_id=f"bench-cloud-{uuid.uuid4().hex[:6]}")
-    service = ArtifactService(cloud, store, topics=topics)
-    cloud.connect()
-    service.start()
+def split(n: int, k: int) -> list[int]:
+    """N over at most K processes, as evenly as possible."""
+    return [n // k + (1 if i < n % k else 0) for i in range(min(n, k))]
+
+
+def _expect(
+    lines: queue.Queue[tuple[int, str]], word: str, count: int, timeout: float
+) -> list[str]:
+    """One ``word ...`` line from each of ``count`` workers; their arguments."""
+    deadline = time.monotonic() + timeout
+    got: dict[int, str] = {}
+    while len(got) < count:
+        try:
+            index, line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise RuntimeError(f"{count - len(got)} workers did not say {word!r}") from None
+        head, _, rest = line.partition(" ")
+        if head != word:
+            raise RuntimeError(f"worker {index}: {line or 'exited'}")
+        got[index] = rest
+    return list(got.values())
+
+
+@contextmanager
+def workers(mode: str, configs: list[dict[str, Any]]) -> Iterator[Callable[[], float]]:
+    """Start one ``_rollout_worker.py`` per config and wait until all are ready; yields a
+    function waiting for every worker's ``done`` (returns the latest timestamp). Every
+    worker is stopped on the way out, also on failure."""
+    procs: list[subprocess.Popen[str]] = []
+    lines: queue.Queue[tuple[int, str]] = queue.Queue()
+
+    def pump(index: int, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put((index, line.strip()))
+        lines.put((index, ""))  # end of output: the worker is gone
+
+    def wait_done() -> float:
+        return max(float(t) for t in _expect(lines, "done", len(procs), 900))
+
+    try:
+        for index, cfg in enumerate(configs):
+            proc = subprocess.Popen(
+                [sys.executable, str(WORKER), mode, json.dumps(cfg)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            procs.append(proc)
+            threading.Thread(target=pump, args=(index, proc), daemon=True).start()
+        _expect(lines, "ready", len(procs), 300)
+        yield wait_done
+        for proc in procs:  # let them stop their agents before the next measurement
+            proc.wait(timeout=120)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextmanager
+def local_fleet(
+    n: int, settings: MqttSettings, key: SigningKey, topics: Topics, root: Path
+) -> Iterator[Callable[[], float]]:
+    """N agents in this process; yields a function waiting until all serve v1."""
     fleet = SimulatedFleet(
         devices=n,
         profile_mix={"jetson-like": 1.0},
         broker_url=settings.url,
         trusted_keys=[key.public_key.to_text()],
-        data_root=root / f"fleet-{n}",
+        data_root=root,
         models=[MODEL],
         topic_prefix=topics.prefix,
         rate_per_device=0.0,
@@ -100,62 +176,133 @@ def fogline_rollout(
         flaps=False,
         control=False,
     )
+
+    def wait_done() -> float:
+        late = fleet.wait_for_version(MODEL, 1, timeout=600)
+        done = time.monotonic()
+        if late:
+            raise RuntimeError(f"{len(late)} agents never served v1: {late[:5]}")
+        return done
+
     try:
         fleet.start(traffic=False)
         if fleet.wait_connected(120):
             raise RuntimeError("agents did not connect")
-        now = time.time()
-        spec_in = [TensorSpec(name="input", dtype="float32", shape=[-1, 1, 8, 8])]
-        spec_out = [TensorSpec(name="logits", dtype="float32", shape=[-1, 10])]
-        manifest = ReleaseManifest(
-            model=MODEL,
-            version=1,
-            created_at=now,
-            expires_at=now + 3600,
-            key_id="x",
-            variants=[
-                ReleaseVariant(
-                    device_class="cpu-4t",
-                    quantization="fp32",
-                    sha256=digest,
-                    size=len(artifact),
-                    chunk_size=CHUNK,
-                    inputs=spec_in,
-                    outputs=spec_out,
-                )
-            ],
-        )
-        desired = DesiredState(
-            scope="fleet",
-            sequence=1,
-            issued_at=now,
-            key_id="x",
-            models={MODEL: DesiredModel(version=1)},
-        )
-        started = time.perf_counter()
-        cloud.publish(
-            topics.release(MODEL, 1),
-            encode(sign_release(manifest, key)),
-            qos=1,
-            retain=True,
-            wait=True,
-        )
-        cloud.publish(
-            topics.fleet_desired(),
-            encode(sign_desired(desired, key)),
-            qos=1,
-            retain=True,
-            wait=True,
-        )
-        late = fleet.wait_for_version(MODEL, 1, timeout=600)
-        elapsed = time.perf_counter() - started
-        if late:
-            raise RuntimeError(f"{len(late)} agents never served v1: {late[:5]}")
-        return elapsed, service.stats()
+        yield wait_done
     finally:
         fleet.stop()
+
+
+def fogline_rollout(
+    n: int,
+    settings: MqttSettings,
+    artifact: bytes,
+    store: ArtifactStore,
+    root: Path,
+    processes: int = 1,
+) -> tuple[float, dict[str, int]]:
+    topics = Topics(f"bench/{uuid.uuid4().hex[:8]}")
+    key = SigningKey.generate()
+    digest = store.put_bytes(artifact)
+    cloud = MqttTransport(settings, client_id=f"bench-cloud-{uuid.uuid4().hex[:6]}")
+    service = ArtifactService(cloud, store, topics=topics)
+    cloud.connect()
+    service.start()
+    data_root = root / f"fleet-{n}-{processes}p"
+    if processes == 1:
+        agents = local_fleet(n, settings, key, topics, data_root)
+    else:
+        configs = [
+            {
+                "devices": share,
+                "broker_url": settings.url,
+                "trusted_key": key.public_key.to_text(),
+                "data_root": str(data_root / f"w{index}"),
+                "model": MODEL,
+                "version": 1,
+                "topic_prefix": topics.prefix,
+                "device_prefix": f"w{index}",
+            }
+            for index, share in enumerate(split(n, processes))
+        ]
+        agents = workers("fleet", configs)
+    try:
+        with agents as wait_done:
+            now = time.time()
+            spec_in = [TensorSpec(name="input", dtype="float32", shape=[-1, 1, 8, 8])]
+            spec_out = [TensorSpec(name="logits", dtype="float32", shape=[-1, 10])]
+            manifest = ReleaseManifest(
+                model=MODEL,
+                version=1,
+                created_at=now,
+                expires_at=now + 3600,
+                key_id="x",
+                variants=[
+                    ReleaseVariant(
+                        device_class="cpu-4t",
+                        quantization="fp32",
+                        sha256=digest,
+                        size=len(artifact),
+                        chunk_size=CHUNK,
+                        inputs=spec_in,
+                        outputs=spec_out,
+                    )
+                ],
+            )
+            desired = DesiredState(
+                scope="fleet",
+                sequence=1,
+                issued_at=now,
+                key_id="x",
+                models={MODEL: DesiredModel(version=1)},
+            )
+            # CLOCK_MONOTONIC is system-wide: comparable with the workers' timestamps.
+            started = time.monotonic()
+            cloud.publish(
+                topics.release(MODEL, 1),
+                encode(sign_release(manifest, key)),
+                qos=1,
+                retain=True,
+                wait=True,
+            )
+            cloud.publish(
+                topics.fleet_desired(),
+                encode(sign_desired(desired, key)),
+                qos=1,
+                retain=True,
+                wait=True,
+            )
+            elapsed = wait_done() - started
+        return elapsed, service.stats()
+    finally:
         service.close()
         cloud.close()
+
+
+def paho_floor_split(n: int, settings: MqttSettings, payload: bytes, processes: int) -> float:
+    """The floor with the same process split: N subscribers over K worker processes."""
+    topic = f"bench-floor/{uuid.uuid4().hex[:8]}"
+    configs = [
+        {
+            "subscribers": share,
+            "size": len(payload),
+            "topic": topic,
+            "host": settings.host,
+            "port": settings.port,
+        }
+        for share in split(n, processes)
+    ]
+    with workers("floor", configs) as wait_done:
+        pub = paho.Client(CallbackAPIVersion.VERSION2)
+        pub.connect(settings.host, settings.port)
+        pub.loop_start()
+        try:
+            started = time.monotonic()
+            pub.publish(topic, payload, qos=1)
+            return wait_done() - started
+        finally:
+            pub.disconnect()
+            pub.loop_stop()
 
 
 def paho_floor(n: int, settings: MqttSettings, payload: bytes) -> float:
@@ -205,7 +352,16 @@ def paho_floor(n: int, settings: MqttSettings, payload: bytes) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200])
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=4,
+        help="also run with the agents (and the floor's subscribers) over K processes",
+    )
     args = parser.parse_args()
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
+    splits = [1] if args.processes == 1 else [1, args.processes]
     logging.basicConfig(level=logging.ERROR)
     artifact = build_model()
     onnx.checker.check_model(onnx.load_from_string(artifact))
@@ -220,27 +376,35 @@ def main() -> None:
             settings = MqttSettings(url=broker.url)
             store = ArtifactStore(root / "artifacts")
             for n in args.sizes:
-                floor = paho_floor(n, settings, artifact)
-                try:
-                    fogline, stats = fogline_rollout(n, settings, artifact, store, root)
-                except ConfigError as exc:  # e.g. a hard RLIMIT_NOFILE too low for N agents
-                    print(f"N={n:4d}  not run: {exc}", flush=True)
-                    continue
-                rows.append((n, fogline, floor))
-                print(
-                    f"N={n:4d}  fogline {fogline:7.2f}s  paho floor {floor:6.2f}s  "
-                    f"ratio {fogline / floor:6.1f}x  service: "
-                    f"{stats['chunks_multicast']} multicast + {stats['chunks_served']} unicast "
-                    f"chunk publishes, {stats['requests_coalesced']} requests coalesced",
-                    flush=True,
-                )
+                for k in splits:
+                    if k == 1:
+                        floor = paho_floor(n, settings, artifact)
+                    else:
+                        floor = paho_floor_split(n, settings, artifact, k)
+                    try:
+                        fogline, stats = fogline_rollout(n, settings, artifact, store, root, k)
+                    except ConfigError as exc:  # e.g. a hard RLIMIT_NOFILE too low for N
+                        print(f"N={n:4d} K={k}  not run: {exc}", flush=True)
+                        continue
+                    service = f"{stats['chunks_multicast']} + {stats['chunks_served']}"
+                    rows.append((n, k, fogline, floor, service))
+                    print(
+                        f"N={n:4d} K={k}  fogline {fogline:7.2f}s  paho floor {floor:6.2f}s  "
+                        f"ratio {fogline / floor:6.1f}x  service: {service} "
+                        f"(multicast + unicast) chunk publishes, "
+                        f"{stats['requests_coalesced']} requests coalesced",
+                        flush=True,
+                    )
         finally:
             broker.close()
     print()
-    print("| N | Fogline publish -> all serve (s) | paho fan-out floor (s) | ratio |")
-    print("|---|---|---|---|")
-    for n, fogline, floor in rows:
-        print(f"| {n} | {fogline:.2f} | {floor:.2f} | {fogline / floor:.1f}x |")
+    print(
+        "| N | processes | Fogline publish -> all serve (s) | paho fan-out floor (s) | ratio "
+        "| service chunk publishes (multicast + unicast) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for n, k, fogline, floor, service in rows:
+        print(f"| {n} | {k} | {fogline:.2f} | {floor:.2f} | {fogline / floor:.1f}x | {service} |")
 
 
 if __name__ == "__main__":
