@@ -46,6 +46,7 @@ from fogline.cloud.serving import (
     ServedModel,
     ServingSettings,
     deploy_model,
+    ensure_ray,
     shutdown_serving,
 )
 from fogline.edge import Agent, InstalledModel, ModelStore, load_config
@@ -239,9 +240,11 @@ def main() -> None:
     agent: Agent | None = None
     tmp = tempfile.TemporaryDirectory(prefix="fogline-bench-routing-")
     try:
-        import ray
-
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # ensure_ray starts the local Ray with workers at niceness 0 (not Ray's 15), so
+        # the Serve replica competes on equal terms with the edge agent in this process.
+        ensure_ray(
+            num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
         deployed = deploy_model(
             ServingSettings(
                 model=MODEL, version=1, num_cpus=0.5, max_batch_size=16, batch_wait_timeout_ms=1.0

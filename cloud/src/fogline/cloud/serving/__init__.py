@@ -15,6 +15,7 @@ from ._bridge import (
     ServeHandle,
 )
 from ._deployment import (
+    LOCAL_RAY_SYSTEM_CONFIG,
     DeployedModel,
     OnnxModelDeployment,
     ServeModelHandle,
@@ -38,6 +39,7 @@ from ._services import CloudServices, Service, check_serve_models, start_cloud_s
 from ._settings import AutoscalingSettings, ServingSettings, parse_serving_settings
 
 __all__ = [
+    "LOCAL_RAY_SYSTEM_CONFIG",
     "PROBE_INPUT",
     "SERVED_VARIANT",
     "AutoscalingSettings",

@@ -7,8 +7,21 @@ timer: while fewer than ``max_calls`` calls are in flight a request is sent at o
 added latency when idle); while they are all busy, requests queue, and the next free slot
 takes up to ``max_batch`` of them in one call. So the batch size follows the load.
 
-A request whose waiter gave up (its deadline passed) is skipped when the batch is formed,
-so stale work never reaches Serve.
+Batches are also bounded by time: a call costs about ``overhead + n * per_item`` (running
+estimates: the replica reports its run time as ``service_ms``, the rest of the call is
+overhead), and a batch stops growing when its oldest request could no longer be
+answered in time. On a CPU, a batch of n costs about n single runs, so an oversized
+batch only makes everyone in it late.
+
+A request whose waiter gave up, or whose deadline would pass before even a call of its
+own could come back, is not sent: its waiter gets a
+``TimeoutError`` at once, so the client can fall back without waiting and the replica
+spends no CPU on an answer nobody will read. Under overload this is what keeps the
+requests that *can* meet their deadline meeting it.
+
+A call in flight is not cancelled when its requests' deadlines pass: once a replica
+runs a batch, cancelling saves no CPU and costs another RPC. Only ``hang_timeout_s``
+bounds it (a replica that never answers).
 """
 
 from __future__ import annotations
@@ -47,6 +60,8 @@ class ModelBatcher:
         *,
         max_batch: int = 32,
         max_calls: int = 2,
+        hang_timeout_s: float = 10.0,
+        alpha: float = 0.2,
         key: object = None,
     ) -> None:
         if max_batch < 1 or max_calls < 1:
@@ -55,6 +70,10 @@ class ModelBatcher:
         self.key = key  # what this batcher serves (the bridge's handle), to spot swaps
         self.max_batch = max_batch
         self.max_calls = max_calls
+        self.hang_timeout_s = hang_timeout_s
+        self.overhead_s = 0.0  # running estimates: a call's fixed cost (Ray, transfer) ...
+        self.item_s = 0.0  # ... and its cost per request (the replica's run time / n)
+        self._alpha = alpha
         self.calls = 0  # Serve calls made
         self.batched = 0  # requests those calls carried
         self.skipped = 0  # abandoned before they were sent
@@ -80,14 +99,20 @@ class ModelBatcher:
         while self._running < self.max_calls and self._queue:
             batch: list[_Item] = []
             now = loop.time()
+            oldest = float("inf")
             while self._queue and len(batch) < self.max_batch:
-                item = self._queue.popleft()
-                if item.future.done() or item.deadline <= now:
+                item = self._queue[0]
+                if item.future.done() or item.deadline - now < self.overhead_s + self.item_s:
+                    self._queue.popleft()
                     self.skipped += 1
                     if not item.future.done():
                         item.future.set_exception(TimeoutError())
                     continue
-                batch.append(item)
+                finish = now + self.overhead_s + (len(batch) + 1) * self.item_s
+                if batch and finish > min(oldest, item.deadline):
+                    break  # one more would make this batch late; the rest waits
+                batch.append(self._queue.popleft())
+                oldest = min(oldest, item.deadline)
             if not batch:
                 return
             self._running += 1
@@ -98,14 +123,14 @@ class ModelBatcher:
     async def _send(self, batch: list[_Item]) -> None:
         self.calls += 1
         self.batched += len(batch)
-        # Nobody waits longer than the latest deadline in the batch: bound the call by it
-        # so a hung replica cannot hold a slot for ever.
-        timeout = max(item.deadline for item in batch) - asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         try:
             call = _resolve(self.call([i.inputs for i in batch]))
-            results = await asyncio.wait_for(call, max(timeout, 0.001))
+            results = await asyncio.wait_for(call, self.hang_timeout_s)
             if not isinstance(results, list) or len(results) != len(batch):
                 raise TypeError(f"Serve returned {type(results).__name__} for {len(batch)}")
+            self._learn(loop.time() - start, len(batch), results[0])
         except Exception as exc:  # every waiter gets the call's failure
             for item in batch:
                 if not item.future.done():
@@ -117,6 +142,15 @@ class ModelBatcher:
         finally:
             self._running -= 1
             self._pump()
+
+
+    def _learn(self, took: float, size: int, first: Any) -> None:
+        run_ms = first.get("service_ms") if isinstance(first, dict) else None
+        run = float(run_ms) / 1000.0 if isinstance(run_ms, int | float) else 0.0
+        run = min(max(run, 0.0), took)
+        a = self._alpha if self.calls > 1 else 1.0  # the first call sets the estimates
+        self.item_s += a * (run / size - self.item_s)
+        self.overhead_s += a * ((took - run) - self.overhead_s)
 
 
 async def _resolve(awaitable: Awaitable[Any]) -> Any:

@@ -301,7 +301,8 @@ class InferenceBridge:
         if batcher is None or batcher.key is not handle:  # new model, or a new version
             batcher = ModelBatcher(
                 self._batch_call(handle), max_batch=self.max_batch,
-                max_calls=self.max_concurrent_batches, key=handle,
+                max_calls=self.max_concurrent_batches, hang_timeout_s=self.default_timeout_s,
+                key=handle,
             )
             self._batchers[model] = batcher
         future = batcher.submit(inputs, timeout)
