@@ -97,22 +97,21 @@ def split(n: int, k: int) -> list[int]:
     return [n // k + (1 if i < n % k else 0) for i in range(min(n, k))]
 
 
-def _expect(
-    lines: queue.Queue[tuple[int, str]], word: str, count: int, timeout: float
-) -> list[str]:
-    """One ``word ...`` line from each of ``count`` workers; their arguments."""
+def _expect(outputs: list[queue.Queue[str]], word: str, timeout: float) -> list[str]:
+    """The next line of every worker, which must be ``word ...``; their arguments. (One
+    queue per worker: a fast worker's later lines, or its exit, wait their turn.)"""
     deadline = time.monotonic() + timeout
-    got: dict[int, str] = {}
-    while len(got) < count:
+    got = []
+    for index, output in enumerate(outputs):
         try:
-            index, line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            line = output.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
-            raise RuntimeError(f"{count - len(got)} workers did not say {word!r}") from None
+            raise RuntimeError(f"worker {index} did not say {word!r} in time") from None
         head, _, rest = line.partition(" ")
         if head != word:
             raise RuntimeError(f"worker {index}: {line or 'exited'}")
-        got[index] = rest
-    return list(got.values())
+        got.append(rest)
+    return got
 
 
 @contextmanager
@@ -121,27 +120,28 @@ def workers(mode: str, configs: list[dict[str, Any]]) -> Iterator[Callable[[], f
     function waiting for every worker's ``done`` (returns the latest timestamp). Every
     worker is stopped on the way out, also on failure."""
     procs: list[subprocess.Popen[str]] = []
-    lines: queue.Queue[tuple[int, str]] = queue.Queue()
+    outputs: list[queue.Queue[str]] = []
 
-    def pump(index: int, proc: subprocess.Popen[str]) -> None:
+    def pump(proc: subprocess.Popen[str], output: queue.Queue[str]) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            lines.put((index, line.strip()))
-        lines.put((index, ""))  # end of output: the worker is gone
+            output.put(line.strip())
+        output.put("")  # end of output: the worker is gone
 
     def wait_done() -> float:
-        return max(float(t) for t in _expect(lines, "done", len(procs), 900))
+        return max(float(t) for t in _expect(outputs, "done", 900))
 
     try:
-        for index, cfg in enumerate(configs):
+        for cfg in configs:
             proc = subprocess.Popen(
                 [sys.executable, str(WORKER), mode, json.dumps(cfg)],
                 stdout=subprocess.PIPE,
                 text=True,
             )
             procs.append(proc)
-            threading.Thread(target=pump, args=(index, proc), daemon=True).start()
-        _expect(lines, "ready", len(procs), 300)
+            outputs.append(queue.Queue())
+            threading.Thread(target=pump, args=(proc, outputs[-1]), daemon=True).start()
+        _expect(outputs, "ready", 300)
         yield wait_done
         for proc in procs:  # let them stop their agents before the next measurement
             proc.wait(timeout=120)
