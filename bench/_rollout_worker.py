@@ -5,8 +5,9 @@ the N plain paho subscribers of the floor) against the parent's broker.
     python bench/_rollout_worker.py floor '<json>'   # paho subscribers, wait for the bytes
 
 Line protocol on stdout, one line each: ``ready`` once every agent/subscriber is
-connected (and subscribed), then ``done <t>`` with ``time.monotonic()`` when the last of
-them has the new version (or the bytes), or ``error <message>``. ``CLOCK_MONOTONIC`` is
+connected (and subscribed), then ``done <t> <cpu>`` with ``time.monotonic()`` when the
+last of them has the new version (or the bytes) and the CPU seconds this process (all
+its threads) used since ``ready``, or ``error <message>``. ``CLOCK_MONOTONIC`` is
 system-wide on Linux, so the parent compares ``t`` with its own publish timestamp.
 """
 
@@ -52,12 +53,14 @@ def run_fleet(cfg: dict[str, Any]) -> None:
         fleet.start(traffic=False)
         if fleet.wait_connected(120):
             raise RuntimeError("agents did not connect")
+        cpu = time.process_time()
         _say("ready")
         late = fleet.wait_for_version(cfg["model"], cfg["version"], timeout=600)
         done = time.monotonic()
+        cpu = time.process_time() - cpu
         if late:
             raise RuntimeError(f"{len(late)} agents never served v{cfg['version']}: {late[:5]}")
-        _say(f"done {done!r}")
+        _say(f"done {done!r} {cpu!r}")
     finally:
         fleet.stop()
 
@@ -92,11 +95,12 @@ def run_floor(cfg: dict[str, Any]) -> None:
         for _ in range(n):
             if not subscribed.acquire(timeout=60):
                 raise RuntimeError("floor subscribers did not subscribe")
+        cpu = time.process_time()
         _say("ready")
         for _ in range(n):
             if not received.acquire(timeout=300):
                 raise RuntimeError("floor subscribers did not all receive")
-        _say(f"done {time.monotonic()!r}")
+        _say(f"done {time.monotonic()!r} {time.process_time() - cpu!r}")
     finally:
         for c in clients:
             c.disconnect()

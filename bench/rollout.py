@@ -115,9 +115,12 @@ def _expect(outputs: list[queue.Queue[str]], word: str, timeout: float) -> list[
 
 
 @contextmanager
-def workers(mode: str, configs: list[dict[str, Any]]) -> Iterator[Callable[[], float]]:
+def workers(
+    mode: str, configs: list[dict[str, Any]]
+) -> Iterator[Callable[[], tuple[float, float]]]:
     """Start one ``_rollout_worker.py`` per config and wait until all are ready; yields a
-    function waiting for every worker's ``done`` (returns the latest timestamp). Every
+    function waiting for every worker's ``done`` (returns the latest timestamp and the
+    workers' CPU seconds since ready). Every
     worker is stopped on the way out, also on failure."""
     procs: list[subprocess.Popen[str]] = []
     outputs: list[queue.Queue[str]] = []
@@ -128,8 +131,9 @@ def workers(mode: str, configs: list[dict[str, Any]]) -> Iterator[Callable[[], f
             output.put(line.strip())
         output.put("")  # end of output: the worker is gone
 
-    def wait_done() -> float:
-        return max(float(t) for t in _expect(outputs, "done", 900))
+    def wait_done() -> tuple[float, float]:
+        done = [line.split() for line in _expect(outputs, "done", 900)]
+        return max(float(t) for t, _ in done), sum(float(cpu) for _, cpu in done)
 
     try:
         for cfg in configs:
@@ -160,7 +164,7 @@ def workers(mode: str, configs: list[dict[str, Any]]) -> Iterator[Callable[[], f
 @contextmanager
 def local_fleet(
     n: int, settings: MqttSettings, key: SigningKey, topics: Topics, root: Path
-) -> Iterator[Callable[[], float]]:
+) -> Iterator[Callable[[], tuple[float, float]]]:
     """N agents in this process; yields a function waiting until all serve v1."""
     fleet = SimulatedFleet(
         devices=n,
@@ -177,12 +181,12 @@ def local_fleet(
         control=False,
     )
 
-    def wait_done() -> float:
+    def wait_done() -> tuple[float, float]:
         late = fleet.wait_for_version(MODEL, 1, timeout=600)
         done = time.monotonic()
         if late:
             raise RuntimeError(f"{len(late)} agents never served v1: {late[:5]}")
-        return done
+        return done, 0.0  # the agents' CPU is counted in this process's
 
     try:
         fleet.start(traffic=False)
@@ -200,7 +204,9 @@ def fogline_rollout(
     store: ArtifactStore,
     root: Path,
     processes: int = 1,
-) -> tuple[float, dict[str, int]]:
+) -> tuple[float, float, dict[str, int]]:
+    """Seconds from publish until all N serve v1, and the CPU seconds that took (this
+    process, with the artifact service, plus the workers'; not the broker's)."""
     topics = Topics(f"bench/{uuid.uuid4().hex[:8]}")
     key = SigningKey.generate()
     digest = store.put_bytes(artifact)
@@ -257,6 +263,7 @@ def fogline_rollout(
                 models={MODEL: DesiredModel(version=1)},
             )
             # CLOCK_MONOTONIC is system-wide: comparable with the workers' timestamps.
+            cpu = time.process_time()
             started = time.monotonic()
             cloud.publish(
                 topics.release(MODEL, 1),
@@ -272,8 +279,9 @@ def fogline_rollout(
                 retain=True,
                 wait=True,
             )
-            elapsed = wait_done() - started
-        return elapsed, service.stats()
+            done, workers_cpu = wait_done()
+            cpu = time.process_time() - cpu + workers_cpu
+        return done - started, cpu, service.stats()
     finally:
         service.close()
         cloud.close()
@@ -299,7 +307,7 @@ def paho_floor_split(n: int, settings: MqttSettings, payload: bytes, processes: 
         try:
             started = time.monotonic()
             pub.publish(topic, payload, qos=1)
-            return wait_done() - started
+            return wait_done()[0] - started
         finally:
             pub.disconnect()
             pub.loop_stop()
@@ -382,15 +390,15 @@ def main() -> None:
                     else:
                         floor = paho_floor_split(n, settings, artifact, k)
                     try:
-                        fogline, stats = fogline_rollout(n, settings, artifact, store, root, k)
+                        fogline, cpu, stats = fogline_rollout(n, settings, artifact, store, root, k)
                     except ConfigError as exc:  # e.g. a hard RLIMIT_NOFILE too low for N
                         print(f"N={n:4d} K={k}  not run: {exc}", flush=True)
                         continue
                     service = f"{stats['chunks_multicast']} + {stats['chunks_served']}"
-                    rows.append((n, k, fogline, floor, service))
+                    rows.append((n, k, fogline, floor, service, cpu))
                     print(
                         f"N={n:4d} K={k}  fogline {fogline:7.2f}s  paho floor {floor:6.2f}s  "
-                        f"ratio {fogline / floor:6.1f}x  service: {service} "
+                        f"ratio {fogline / floor:6.1f}x  cpu {cpu:6.2f}s  service: {service} "
                         f"(multicast + unicast) chunk publishes, "
                         f"{stats['requests_coalesced']} requests coalesced",
                         flush=True,
@@ -400,11 +408,14 @@ def main() -> None:
     print()
     print(
         "| N | processes | Fogline publish -> all serve (s) | paho fan-out floor (s) | ratio "
-        "| service chunk publishes (multicast + unicast) |"
+        "| Fogline CPU (s) | service chunk publishes (multicast + unicast) |"
     )
-    print("|---|---|---|---|---|---|")
-    for n, k, fogline, floor, service in rows:
-        print(f"| {n} | {k} | {fogline:.2f} | {floor:.2f} | {fogline / floor:.1f}x | {service} |")
+    print("|---|---|---|---|---|---|---|")
+    for n, k, fogline, floor, service, cpu in rows:
+        print(
+            f"| {n} | {k} | {fogline:.2f} | {floor:.2f} | {fogline / floor:.1f}x "
+            f"| {cpu:.2f} | {service} |"
+        )
 
 
 if __name__ == "__main__":
