@@ -89,9 +89,7 @@ class TrafficDriver:
     # -- scheduler thread ---------------------------------------------------------------------
     def _run(self) -> None:
         now = time.monotonic()
-        heap = [
-            (now + self._rng.expovariate(self._rate), i) for i in range(len(self._devices))
-        ]
+        heap = [(now + self._rng.expovariate(self._rate), i) for i in range(len(self._devices))]
         heapq.heapify(heap)
         while not self._stop.is_set():
             due, index = heap[0]

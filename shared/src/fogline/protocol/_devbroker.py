@@ -64,8 +64,10 @@ class MosquittoBroker:
         workdir: Path | None = None,
         executable: str | None = None,
     ) -> None:
-        exe = executable or shutil.which("mosquitto") or (
-            "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+        exe = (
+            executable
+            or shutil.which("mosquitto")
+            or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
         )
         if exe is None:
             raise BrokerUnavailableError(
