@@ -145,7 +145,15 @@ def start_ray(stack: contextlib.ExitStack) -> str:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from fogline.cloud._ray_backend import LOCAL_RAY_SYSTEM_CONFIG
+
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _system_config=None if address else LOCAL_RAY_SYSTEM_CONFIG,
+    )
     stack.callback(ray.shutdown)  # a local Ray goes away with it; a cluster stays up
     return address or "local"
 

@@ -91,7 +91,10 @@ def ray_session() -> Iterator[Any]:
     """The one local Ray instance shared by every test that needs Ray."""
     import ray
 
+    from fogline.cloud._ray_backend import LOCAL_RAY_SYSTEM_CONFIG
+
     ray.init(
+        _system_config=LOCAL_RAY_SYSTEM_CONFIG,
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

@@ -22,6 +22,13 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+LOCAL_RAY_SYSTEM_CONFIG: dict[str, Any] = {"worker_niceness": 0}
+"""For every local Ray Fogline starts. Ray runs its workers at nice 15 by default, so a
+Serve replica or a measurement task gets a few percent of a core against any normal
+process (the bridge, an edge agent, a neighbour); on the 2-core bench machine that alone
+turned most cloud requests into timeouts. Ray's own job manager uses niceness 0 too."""
+
+
 @contextmanager
 def ray_runtime() -> Iterator[None]:
     """Use the running Ray, else join ``$RAY_ADDRESS``, else start a local one. Shuts down
@@ -37,6 +44,7 @@ def ray_runtime() -> Iterator[None]:
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
+            _system_config=None if address else LOCAL_RAY_SYSTEM_CONFIG,
         )
     except Exception as exc:
         where = address or "a local instance"

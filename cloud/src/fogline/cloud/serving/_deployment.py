@@ -29,6 +29,7 @@ from ray import serve
 
 from fogline.protocol import ArtifactError, FoglineError
 
+from .._ray_backend import LOCAL_RAY_SYSTEM_CONFIG
 from ._runner import OnnxRunner
 from ._settings import ServingSettings
 
@@ -112,13 +113,6 @@ class DeployedModel:
     version: int
     handle: ServeModelHandle
     app_name: str
-
-
-LOCAL_RAY_SYSTEM_CONFIG: dict[str, Any] = {"worker_niceness": 0}
-"""For a Ray started here. Ray runs its workers at nice 15 by default, so a Serve replica
-gets a few percent of a core against any normal process (the bridge, an edge agent, a
-neighbour); measured on the 2-core bench machine that alone turned most cloud requests
-into timeouts. Ray's own job manager runs jobs at niceness 0 too."""
 
 
 def ensure_ray(**init_kwargs: Any) -> None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import ray
 
+from .._ray_backend import LOCAL_RAY_SYSTEM_CONFIG
+
 __all__ = ["RaySession"]
 
 log = logging.getLogger("fogline.cloud.serving")
@@ -38,7 +40,12 @@ class RaySession:
             log.info("connected to the Ray cluster at %s", os.environ["RAY_ADDRESS"])
             return cls(started=True, local=False)
         # "local": never attach to some other cluster found on this machine.
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            log_to_driver=False,
+            _system_config=LOCAL_RAY_SYSTEM_CONFIG,
+        )
         log.info("started local Ray")
         return cls(started=True, local=True)
 
