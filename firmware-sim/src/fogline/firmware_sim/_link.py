@@ -176,7 +176,11 @@ class LinkEmulator:
 
     async def _open(self, device_id: str, device: _Device) -> None:
         async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self._relay(device, reader, writer)
+            # Cancelled at stop. Ending normally matters: on Python 3.11 asyncio's
+            # client-connected callback calls task.exception(), which raises for a
+            # cancelled task and logs a traceback.
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._relay(device, reader, writer)
 
         device.server = await asyncio.start_server(on_client, "127.0.0.1", 0)
         device.port = int(device.server.sockets[0].getsockname()[1])
