@@ -31,6 +31,7 @@ from ._render import (
     measurements_table,
     model_table,
     models_table,
+    print_pipeline_result,
 )
 
 __all__ = ["app"]
@@ -105,9 +106,7 @@ def import_(
     if as_json:
         emit_json(result.record.summary())
         return
-    stdout.print(measurements_table(result.measurements))
-    stdout.print(gate_table(result.decisions))
-    stdout.print(f"registered [bold]{result.record.ref}[/bold]")
+    print_pipeline_result(stdout, result)
 
 
 @app.command("publish")

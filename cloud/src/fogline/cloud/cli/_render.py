@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from rich.console import Console
 from rich.table import Table
 
 from .._gate import BASELINE, GateDecision, VariantMeasurement
 from .._registry import ModelRecord
+
+if TYPE_CHECKING:
+    from .._pipeline import PipelineResult
 
 __all__ = [
     "decisions_from_card",
@@ -16,6 +21,7 @@ __all__ = [
     "measurements_table",
     "model_table",
     "models_table",
+    "print_pipeline_result",
 ]
 
 
@@ -122,3 +128,16 @@ def decisions_from_card(card: dict[str, object]) -> dict[str, GateDecision]:
         name: GateDecision(name, d.get("chosen"), dict(d.get("rejected", {})))
         for name, d in gate.items()  # type: ignore[attr-defined]
     }
+
+
+def print_pipeline_result(
+    console: Console, result: PipelineResult, batches: Sequence[int] = (1, 32)
+) -> None:
+    """What ``fogline train`` and ``fogline model import`` print: the measurements, the
+    gate's choices and how to publish the new version."""
+    ref = result.record.ref
+    console.print(measurements_table(result.measurements, batches))
+    console.print(gate_table(result.decisions))
+    console.print(
+        f"registered [bold]{ref}[/bold]; publish it with [bold]fogline model publish {ref}[/bold]"
+    )

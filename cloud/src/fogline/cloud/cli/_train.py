@@ -18,7 +18,7 @@ from ._common import (
     stderr,
     stdout,
 )
-from ._render import gate_table, measurements_table
+from ._render import print_pipeline_result
 
 __all__ = ["train"]
 
@@ -54,9 +54,4 @@ def train(
     if as_json:
         emit_json(result.record.summary())
         return
-    stdout.print(measurements_table(result.measurements, BATCHES))
-    stdout.print(gate_table(result.decisions))
-    stdout.print(
-        f"registered [bold]{result.record.ref}[/bold]; publish it with "
-        f"[bold]fogline model publish {result.record.ref}[/bold]"
-    )
+    print_pipeline_result(stdout, result, BATCHES)
