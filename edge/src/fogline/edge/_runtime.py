@@ -228,7 +228,11 @@ def _runner(session: Any) -> Callable[[list[str], dict[str, Any], Any], list[np.
     """The fastest way to run ``session``. ``InferenceSession.run`` re-validates the
     feed in Python on every call (2-3 us, as much as our whole overhead budget on a
     20 us model); its C++ binding ``_sess.run`` validates names, dtypes and shapes
-    anyway. Fall back to the public method if a future onnxruntime renames it."""
+    anyway. Fall back to the public method if a future onnxruntime renames it, and for
+    anything that is not an ``InferenceSession`` (a wrapper, such as the simulator's slow
+    device, must have its own ``run`` called, not its inner session's binding)."""
+    if not isinstance(session, ort.InferenceSession):
+        return lambda names, feed, options: session.run(names, feed, options)
     binding = getattr(session, "_sess", None)
     run = getattr(binding, "run", None)
     if callable(run):
