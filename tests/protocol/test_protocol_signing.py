@@ -4,6 +4,9 @@ error, and that verification never hands back a tampered body."""
 from __future__ import annotations
 
 import stat
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from fogline.protocol import (
     SignedRelease,
     SigningKey,
     TrustStore,
+    _signing,
     canonical_bytes,
     decode,
     encode,
@@ -39,9 +43,19 @@ def key() -> SigningKey:
     return SigningKey.generate()
 
 
-@pytest.fixture(scope="module")
-def trust(key: SigningKey) -> TrustStore:
-    return TrustStore([key.public_key])
+@pytest.fixture(params=sorted(_signing._VERIFY_BACKENDS))
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Every signature check runs with each verification backend (PyNaCl on agents,
+    cryptography where PyNaCl is missing)."""
+    name: str = request.param
+    monkeypatch.setattr(_signing, "_chosen", (name, _signing._VERIFY_BACKENDS[name]()))
+    yield name
+
+
+@pytest.fixture
+def trust(key: SigningKey, backend: str) -> TrustStore:
+    # A fresh PublicKey: a key builds its backend object at its first check.
+    return TrustStore([PublicKey(key.public_key.raw)])
 
 
 @pytest.fixture
@@ -348,3 +362,98 @@ def test_canonical_bytes_of_an_unencodable_message() -> None:
     )
     with pytest.raises(ProtocolError):
         canonical_bytes(bogus)
+
+
+# -- verification backends -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [b"", b"\x00" * 63, b"\x00" * 64, b"\x00" * 65, "not bytes", None],
+)
+def test_malformed_signatures_are_signature_errors(
+    key: SigningKey, trust: TrustStore, signature: Any
+) -> None:
+    with pytest.raises(SignatureError, match=key.key_id):
+        trust.verify(key.key_id, signature, b"data")
+
+
+def test_signature_over_other_data_is_rejected(key: SigningKey, trust: TrustStore) -> None:
+    signature = key.sign(b"data")
+    trust.verify(key.key_id, signature, b"data")
+    for other in (b"", b"dat", b"data\x00", b"Data"):
+        with pytest.raises(SignatureError):
+            trust.verify(key.key_id, signature, other)
+
+
+@pytest.mark.parametrize("raw", [b"\x00" * 32, b"\x01" + b"\x00" * 31, b"\xff" * 32])
+def test_degenerate_public_keys_verify_nothing(backend: str, raw: bytes) -> None:
+    # Any 32 bytes parse as a key (even a non-point or a small-order point); no
+    # signature from a real key, and no all-zero signature, verifies under them.
+    public = PublicKey(raw)
+    for signature in (SigningKey.generate().sign(b"data"), b"\x00" * 64):
+        with pytest.raises(SignatureError):
+            public.verify(signature, b"data")
+
+
+def test_backends_are_chosen_in_order_of_preference(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing() -> Any:
+        raise ImportError("not installed")
+
+    monkeypatch.setattr(_signing, "_chosen", None)
+    assert _signing._verify_backend()[0] == "pynacl"
+    monkeypatch.setattr(_signing, "_chosen", None)
+    monkeypatch.setitem(_signing._VERIFY_BACKENDS, "pynacl", missing)
+    assert _signing._verify_backend()[0] == "cryptography"
+    monkeypatch.setattr(_signing, "_chosen", None)
+    monkeypatch.setitem(_signing._VERIFY_BACKENDS, "cryptography", missing)
+    with pytest.raises(SignatureError, match="PyNaCl"):
+        PublicKey(b"\x00" * 32).verify(b"\x00" * 64, b"data")
+
+
+_VERIFY_IN_A_FRESH_PROCESS = """
+import sys
+from pathlib import Path
+if sys.argv[3] == "without-pynacl":
+    sys.modules["nacl"] = None  # import nacl raises ImportError
+from fogline.protocol import SignedRelease, SignatureError, TrustStore, decode, verify_release
+from fogline.protocol import _signing
+signed = decode(Path(sys.argv[1]).read_bytes(), SignedRelease)
+trust = TrustStore.from_texts([sys.argv[2]])
+verify_release(signed, trust)
+forged = SignedRelease(manifest=signed.manifest.model_copy(update={"version": 99}),
+                       signature=signed.signature)
+try:
+    verify_release(forged, trust)
+    raise SystemExit("forged release verified")
+except SignatureError:
+    pass
+print(_signing._verify_backend()[0], "cryptography" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [("with-pynacl", "pynacl False"), ("without-pynacl", "cryptography True")],
+)
+def test_an_agent_process_checks_signatures_without_loading_cryptography(
+    tmp_path: Path, key: SigningKey, manifest: ReleaseManifest, mode: str, expected: str
+) -> None:
+    # cryptography (its Rust extension and a bundled OpenSSL, ~9 MB resident) stays out
+    # of a process that only verifies, unless PyNaCl is missing.
+    path = tmp_path / "release.msgpack"
+    path.write_bytes(encode(sign_release(manifest, key)))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _VERIFY_IN_A_FRESH_PROCESS,
+            str(path),
+            key.public_key.to_text(),
+            mode,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.split("\n")[-2] == expected

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,14 +18,14 @@ from ._codec import canonical_bytes
 from ._errors import ConfigError, SignatureError
 from ._messages import DesiredState, ReleaseManifest, SignedDesiredState, SignedRelease
 
-# ``cryptography`` (~7 MB resident: its Rust extension and a bundled OpenSSL) loads on
-# the first signature made or checked: an agent that only serves installed models never
-# needs it.
+# Signing, key generation and PEM files (the cloud) use ``cryptography``. Verification
+# (every agent) prefers PyNaCl: libsodium's ed25519 costs ~2 MB resident where
+# ``cryptography``'s Rust extension with its bundled OpenSSL costs ~9 MB, which matters
+# on a device. Either loads at the first signature checked, not at import: an agent
+# that only serves installed models needs neither. ``cryptography`` is the fallback
+# where PyNaCl is not installed.
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-        Ed25519PrivateKey,
-        Ed25519PublicKey,
-    )
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
     "PublicKey",
@@ -46,9 +46,9 @@ class PublicKey:
     def __init__(self, raw: bytes) -> None:
         if not isinstance(raw, bytes) or len(raw) != 32:
             raise SignatureError("an ed25519 public key is 32 bytes")
-        # Any 32 bytes make an ed25519 public key (cryptography checks only the length),
-        # so the key object can wait for the first verification.
-        self._key: Ed25519PublicKey | None = None
+        # Any 32 bytes make an ed25519 public key object (both backends check only the
+        # length), so the backend's object can wait for the first verification.
+        self._check: _SignatureCheck | None = None
         self.raw = raw
         self.key_id = hashlib.sha256(raw).hexdigest()[:16]
 
@@ -68,18 +68,11 @@ class PublicKey:
         return _TEXT_PREFIX + base64.b64encode(self.raw).decode()
 
     def verify(self, signature: bytes, data: bytes) -> None:
-        from cryptography.exceptions import InvalidSignature
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-        if self._key is None:
-            try:
-                self._key = Ed25519PublicKey.from_public_bytes(self.raw)
-            except ValueError as exc:
-                raise SignatureError(f"not an ed25519 public key: {exc}") from None
-        try:
-            self._key.verify(signature, data)
-        except (InvalidSignature, TypeError):
-            raise SignatureError(f"signature does not verify with key {self.key_id}") from None
+        """Raise :class:`SignatureError` unless ``signature`` signs ``data``."""
+        if self._check is None:
+            self._check = _verify_backend()[1](self.raw)
+        if not self._check(signature, data):
+            raise SignatureError(f"signature does not verify with key {self.key_id}")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PublicKey) and other.raw == self.raw
@@ -89,6 +82,84 @@ class PublicKey:
 
     def __repr__(self) -> str:
         return f"PublicKey({self.key_id})"
+
+
+# -- verification backends -------------------------------------------------------------
+
+# A backend turns a raw 32-byte public key into a check of (signature, data). A check
+# answers False for anything that is not a valid signature of ``data`` by that key
+# (forged, corrupt, wrong length, not bytes) and never raises for bad input.
+_SignatureCheck = Callable[[bytes, bytes], bool]
+_KeyLoader = Callable[[bytes], _SignatureCheck]
+
+
+def _pynacl_loader() -> _KeyLoader:
+    from nacl.exceptions import BadSignatureError, CryptoError
+    from nacl.signing import VerifyKey
+
+    def load(raw: bytes) -> _SignatureCheck:
+        key = VerifyKey(raw)
+
+        def check(signature: bytes, data: bytes) -> bool:
+            try:
+                key.verify(data, signature)
+            except (BadSignatureError, CryptoError, ValueError, TypeError):
+                # PyNaCl's ValueError and TypeError (wrong length, not bytes) are
+                # subclasses of CryptoError and of the builtins.
+                return False
+            return True
+
+        return check
+
+    return load
+
+
+def _cryptography_loader() -> _KeyLoader:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    def load(raw: bytes) -> _SignatureCheck:
+        try:
+            key = Ed25519PublicKey.from_public_bytes(raw)
+        except ValueError as exc:
+            raise SignatureError(f"not an ed25519 public key: {exc}") from None
+
+        def check(signature: bytes, data: bytes) -> bool:
+            try:
+                key.verify(signature, data)
+            except (InvalidSignature, TypeError):
+                return False
+            return True
+
+        return check
+
+    return load
+
+
+# In order of preference; tests run every signature check against each.
+_VERIFY_BACKENDS: dict[str, Callable[[], _KeyLoader]] = {
+    "pynacl": _pynacl_loader,
+    "cryptography": _cryptography_loader,
+}
+_chosen: tuple[str, _KeyLoader] | None = None
+
+
+def _verify_backend() -> tuple[str, _KeyLoader]:
+    """The first verification backend that imports, as (name, key loader); chosen once
+    per process, at the first signature checked."""
+    global _chosen
+    if _chosen is None:
+        for name, make in _VERIFY_BACKENDS.items():
+            try:
+                _chosen = (name, make())
+                break
+            except ImportError:
+                continue
+        else:
+            raise SignatureError(
+                "no ed25519 backend: install PyNaCl (or cryptography) to check signatures"
+            )
+    return _chosen
 
 
 class SigningKey:
