@@ -16,7 +16,12 @@ local-first's met-budget share to the better baseline's.
 
     .venv/bin/python bench/routing.py [--duration 4] [--delay-ms 10] [--json]
 
-Both tiers share this machine's cores, so the cloud is weaker than a real one would be.
+The edge is a simulated device of the firmware simulator's ``rpi4`` profile (one
+inference thread, about 3x slower than this host): each local run is followed by a sleep
+of twice its duration (:class:`fogline.firmware_sim.SlowSessionCache`), so the device's
+extra slowness costs none of the host's cores. Without it (``--speed-factor 1``) edge
+and cloud compete for the same two cores, and at 2x local capacity the inference alone
+needs both of them; a real edge device does not share the cloud's CPUs.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ from fogline.cloud.serving import (
     ensure_ray,
     shutdown_serving,
 )
-from fogline.edge import Agent, InstalledModel, ModelStore, load_config
+from fogline.edge import Agent, InstalledModel, ModelStore, SessionCache, load_config
+from fogline.firmware_sim import SlowSessionCache, load_profiles
 from fogline.protocol import (
     FoglineError,
     MosquittoBroker,
@@ -223,10 +229,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per load and policy")
     parser.add_argument("--delay-ms", type=float, default=10.0, help="one-way edge-cloud delay")
+    parser.add_argument(
+        "--profile", default="rpi4", help="firmware-sim hardware profile of the edge device"
+    )
+    parser.add_argument(
+        "--speed-factor",
+        type=float,
+        default=None,
+        help="override the profile's speed factor (1 = host speed, sharing its cores)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     console = Console(stderr=args.json)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    profile = load_profiles()[args.profile]
+    speed = args.speed_factor if args.speed_factor is not None else profile.speed_factor
     model = build_cnn()
     onnx.checker.check_model(onnx.load_from_string(model))
     x = np.random.default_rng(1).normal(size=(1, 8, 32, 32)).astype(np.float32)
@@ -269,16 +286,22 @@ def main() -> None:
             http={"enabled": False},
             heartbeat_interval_s=5.0,
             topic_prefix=topics.prefix,
-            capacity={"max_in_flight": 1, "max_queue": 64, "intra_op_threads": 1},
+            # One inference at a time: the profile's device has one inference thread.
+            capacity={"max_in_flight": 1, "max_queue": 64, "intra_op_threads": profile.threads},
             routing={"grace_ms": 10.0, "probe_interval_s": 0.2, "breaker_failures": 20},
         )
-        agent = Agent(config, transport=edge_tx)
+        agent = Agent(
+            config, transport=edge_tx, session_cache=SlowSessionCache(SessionCache(), speed)
+        )
         agent.start()
         for _ in range(20):
             agent.infer(MODEL, {"x": x})
         service = float(np.median([agent.infer(MODEL, {"x": x}).latency_ms for _ in range(100)]))
         capacity = 1000.0 / service * config.capacity.max_in_flight
-        console.print(f"local service {service:.2f} ms -> capacity {capacity:.0f} req/s")
+        console.print(
+            f"edge: {args.profile} profile, speed factor {speed:g}: local service "
+            f"{service:.2f} ms -> capacity {capacity:.0f} req/s"
+        )
         for _ in range(20):
             agent.infer(MODEL, {"x": x}, budget_ms=5000, policy="cloud-only")
         cloud = agent.cloud

@@ -75,6 +75,25 @@ def test_batcher_sends_at_once_when_idle_and_batches_while_busy() -> None:
     asyncio.run(scenario())
 
 
+def test_batcher_expected_time_follows_its_queue() -> None:
+    async def scenario() -> None:
+        call = GatedCall()
+        batcher = ModelBatcher(call, max_batch=8, max_calls=1)
+        batcher.overhead_s, batcher.item_s = 0.010, 0.002
+        assert batcher.expected_s() == pytest.approx(0.012)  # a free slot: one call
+        first = batcher.submit(x(0), 5.0)
+        await settle()
+        waiting = [batcher.submit(x(i), 5.0) for i in range(1, 4)]
+        # Busy: wait for the call in flight, then one call carrying the 3 queued and us.
+        assert batcher.expected_s() == pytest.approx(0.012 + 0.010 + 4 * 0.002)
+        call.gate.set()
+        await asyncio.gather(first, *waiting)
+        # The backlog is gone: the estimate drops at once (no average to decay).
+        assert batcher.expected_s() == pytest.approx(batcher.overhead_s + batcher.item_s)
+
+    asyncio.run(scenario())
+
+
 def test_batcher_fails_every_waiter_with_the_calls_error() -> None:
     async def scenario() -> None:
         call = GatedCall()

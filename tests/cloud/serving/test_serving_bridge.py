@@ -230,6 +230,45 @@ def test_slow_serve_gives_deadline_exceeded_and_capacity_refusals(
             refused.result()
         with pytest.raises((BudgetExceededError, CloudUnavailableError)):
             slow.result()
+    # A busy cloud is not a down cloud: the breaker stays closed, the estimate rises.
+    assert client.breaker.state == "closed"
+    assert client.breaker.snapshot().consecutive_failures == 0
+    assert client.stats.busy == 2
+    assert (client.service_ms("tiny") or 0.0) >= 250.0
+
+
+def test_timeouts_while_the_cloud_answers_others_do_not_trip_the_breaker(
+    transports: Any, topics: Topics, tiny: Any, closing: Any
+) -> None:
+    handle = CountingHandle(tiny.onnx, delay_s=0.25)
+    closing(make_bridge(transports(), topics, handle))
+    breaker = CircuitBreaker(failure_threshold=2)
+    client = closing(CloudClient(transports(), topics, "dev-busy", probe_interval_s=0,
+                                 breaker=breaker))
+    client.start()
+    stop = time.monotonic() + 1.5
+    answered: list[int] = []
+
+    def patient() -> None:  # keeps the cloud answering: one request every 30 ms
+        with ThreadPoolExecutor(16) as pool:
+            futures = []
+            while time.monotonic() < stop:
+                futures.append(pool.submit(client.infer, "tiny", {"x": tiny.confident},
+                                           timeout_s=5))
+                time.sleep(0.03)
+            answered.extend(f.result().version for f in futures)
+
+    with ThreadPoolExecutor(1) as background:
+        stream = background.submit(patient)
+        time.sleep(0.4)  # answers are flowing now
+        for _ in range(4):
+            with pytest.raises(CloudUnavailableError, match="busy"):
+                client.infer("tiny", {"x": tiny.confident}, timeout_s=0.1)
+        stream.result()
+    assert answered and set(answered) == {4}
+    assert breaker.state == "closed"
+    assert client.stats.busy == 4
+    assert breaker.snapshot().opened_count == 0
 
 
 def test_breaker_opens_when_the_bridge_stops_and_closes_when_it_returns(

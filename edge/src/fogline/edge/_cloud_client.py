@@ -8,15 +8,23 @@ subscription resolves the pending futures by correlation id.
 
 **Probes.** A probe is an ``InferenceRequest`` whose only input is the empty uint8
 tensor named :data:`PROBE_INPUT`. The bridge answers it at once, without Serve, with an
-``InferenceResponse`` whose ``service_ms`` is its running estimate of the model's Serve
-service time (0 until measured). So one probe refreshes both halves of the cloud
-estimate: the round trip through broker and bridge, and the service time. While the
-client is idle it probes its watched models every ``probe_interval_s``; in half-open
-the probe is the breaker's trial.
+``InferenceResponse`` whose ``service_ms`` is how long a request arriving now would
+spend in the cloud (0 until measured). So one probe refreshes both halves of the cloud
+estimate: the round trip through broker and bridge, and the time in the cloud (a probe
+replaces the latter outright: it is the cloud's current view, fresher than any
+average). While the client is idle it probes its watched models every
+``probe_interval_s``; in half-open the probe is the breaker's trial.
 
-Every outcome feeds the :class:`CircuitBreaker`: a reply (even an error reply about the
-request itself) is a success of the *path*; a timeout, a lost link or a reply saying
-the cloud is overloaded or too late is a failure.
+**Down or busy.** The :class:`CircuitBreaker` is for outages: a lost link, a reply
+saying the cloud is unavailable, or a timeout while the cloud has answered nothing since
+the request was sent. A cloud that answers, but not in time for this request (a timeout
+while other answers arrive, or an ``over_capacity`` / ``deadline_exceeded`` reply), is
+busy, not down: the request fails, the breaker counts the path as working, and the
+estimate of the time in the cloud takes what this request was allowed as a sample (the
+cloud needed at least that), so the router offloads less until answers (or, once idle,
+probes) show the cloud has caught up. Tripping the breaker on a busy cloud would turn
+a slow path into no path for a whole cool-down, and push every request onto the local
+queue the cloud was relieving.
 """
 
 from __future__ import annotations
@@ -65,8 +73,10 @@ PROBE_INPUT = "fogline.probe"
 """The input name that marks a light probe (mirrored in ``fogline.cloud.serving``)."""
 
 _PROBE_TENSOR = Tensor(dtype="uint8", shape=[0], data=b"")
-# Error-reply codes that say the cloud path itself is unhealthy (feed the breaker).
-_PATH_FAILURES = frozenset({"cloud_unavailable", "over_capacity", "deadline_exceeded"})
+# Error-reply codes that say the cloud path itself is unhealthy (feed the breaker) ...
+_PATH_FAILURES = frozenset({"cloud_unavailable"})
+# ... and those that say it is alive but too busy for this request (feed the estimate).
+_BUSY_REPLIES = frozenset({"over_capacity", "deadline_exceeded"})
 
 
 def reply_error(reply: ErrorReply) -> FoglineError:
@@ -92,6 +102,7 @@ class CloudClientStats:
     replies: int = 0
     timeouts: int = 0
     error_replies: int = 0
+    busy: int = 0  # timeouts and busy replies while the cloud was answering others
     refused_by_breaker: int = 0
     probes: int = 0
     stray_replies: int = 0  # no pending request (timed out already, or not ours)
@@ -103,6 +114,7 @@ class _Pending:
     future: Future[InferenceResponse | ErrorReply]
     sent_at: float
     model: str
+    probe: bool
 
 
 class _Ewma:
@@ -155,6 +167,7 @@ class CloudClient:
         self._unserved: dict[str, float] = {}
         self._watched: set[str] = {validate_id(m, "model") for m in watch}
         self._last_sent = float("-inf")
+        self._last_answer = float("-inf")  # when the cloud last answered a real request
         self._stop = threading.Event()
         self._prober: threading.Thread | None = None
         self._started = False
@@ -275,7 +288,7 @@ class CloudClient:
         future: Future[InferenceResponse | ErrorReply] = Future()
         sent_at = self._clock()
         with self._lock:
-            self._pending[correlation] = _Pending(future, sent_at, model)
+            self._pending[correlation] = _Pending(future, sent_at, model, probe)
             self.stats.sent += 1
             if not probe:
                 self._last_sent = sent_at
@@ -288,9 +301,15 @@ class CloudClient:
             with self._lock:
                 self._pending.pop(correlation, None)
                 self.stats.timeouts += 1
-            self.breaker.record_failure()
+                answering = self._last_answer > sent_at
+            if answering:
+                self.breaker.record_success()  # busy, not down: see the module docstring
+                self._busy(model, timeout_s)
+            else:
+                self.breaker.record_failure()
             raise CloudUnavailableError(
                 f"no reply from the cloud for {model} within {timeout_s * 1000:.0f} ms"
+                + (" (the cloud is busy)" if answering else "")
             ) from None
         except (TransportError, CloudUnavailableError) as exc:
             with self._lock:
@@ -299,21 +318,21 @@ class CloudClient:
             raise CloudUnavailableError(f"cloud request for {model}: {exc.message}") from None
         rtt_ms = (self._clock() - sent_at) * 1000.0
         if isinstance(reply, ErrorReply):
-            self._on_error_reply(model, reply)
+            self._on_error_reply(model, reply, timeout_s)
         self.breaker.record_success()
         with self._lock:
             self._unserved.pop(model, None)
             service = self._service.setdefault(model, _Ewma(self._alpha))
             if probe:
                 if reply.service_ms > 0:
-                    service.update(reply.service_ms)
+                    service.value = reply.service_ms
                 self._rtt.update(rtt_ms)
             else:
                 service.update(reply.service_ms)
                 self._rtt.update(max(0.0, rtt_ms - reply.service_ms))
         return reply, rtt_ms
 
-    def _on_error_reply(self, model: str, reply: ErrorReply) -> NoReturn:
+    def _on_error_reply(self, model: str, reply: ErrorReply, timeout_s: float) -> NoReturn:
         with self._lock:
             self.stats.error_replies += 1
             if reply.code == "unknown_model":
@@ -322,7 +341,21 @@ class CloudClient:
             self.breaker.record_failure()
         else:
             self.breaker.record_success()
+            if reply.code in _BUSY_REPLIES:
+                self._busy(model, timeout_s)
         raise reply_error(reply)
+
+    def _busy(self, model: str, allowed_s: float) -> None:
+        """The cloud is answering, but could not answer this request within
+        ``allowed_s``: it needed at least that, so an estimate of the time in the cloud
+        below that (minus the network's share) moves towards it, like any sample."""
+        with self._lock:
+            self.stats.busy += 1
+            rtt = self._rtt.value or 0.0
+            service = self._service.setdefault(model, _Ewma(self._alpha))
+            floor = max(0.0, allowed_s * 1000.0 - rtt)
+            if service.value is None or service.value < floor:
+                service.update(floor)
 
     # -- network thread -----------------------------------------------------------------------
     def _on_reply(self, msg: MqttMessage) -> None:
@@ -344,6 +377,9 @@ class CloudClient:
                 self.stats.stray_replies += 1
             else:
                 self.stats.replies += 1
+            # Any answer to a real request (even a late one) shows the cloud is up.
+            if entry is None or not entry.probe:
+                self._last_answer = self._clock()
         if entry is not None and not entry.future.done():
             entry.future.set_result(reply)
 

@@ -85,6 +85,15 @@ class ModelBatcher:
     def queued(self) -> int:
         return len(self._queue)
 
+    def expected_s(self) -> float:
+        """How long a request submitted now would take: one call if a slot is free,
+        else about one call's wait for a slot, then a batch behind those queued. Only
+        reads counters, so other threads may ask (a slightly stale answer is fine)."""
+        call = self.overhead_s + self.item_s
+        if self._running < self.max_calls:
+            return call
+        return call + self.overhead_s + (len(self._queue) + 1) * self.item_s
+
     def submit(self, inputs: Inputs, timeout_s: float) -> asyncio.Future[Any]:
         """Queue one request; the future resolves to its result or raises what the Serve
         call raised. Cancel the future to abandon the request."""
@@ -142,7 +151,6 @@ class ModelBatcher:
         finally:
             self._running -= 1
             self._pump()
-
 
     def _learn(self, took: float, size: int, first: Any) -> None:
         run_ms = first.get("service_ms") if isinstance(first, dict) else None

@@ -11,13 +11,20 @@ run as replicas), on the MQTT network thread, only cheap checks run:
 - deadline already passed: ``ErrorReply(deadline_exceeded)`` at once, Serve not called;
 - a model (or version) not served here: ``ErrorReply(unknown_model)``;
 - a probe (the only input is the empty ``fogline.probe`` tensor): answered at once with
-  an empty ``InferenceResponse`` whose ``service_ms`` is the running estimate of the
-  model's Serve service time;
+  an empty ``InferenceResponse`` whose ``service_ms`` is how long a request arriving now
+  would spend in the cloud (from the batcher's queue and running estimates; the running
+  average of answered requests for an unbatched handle);
 - too many requests in flight: ``ErrorReply(over_capacity)``.
 
 Everything else is handed to an asyncio loop on the bridge's own thread, which awaits
 the Serve call (bounded by the request's deadline) and replies ``InferenceResponse``
 or ``ErrorReply`` on ``reply_to`` with the request's correlation id.
+
+An answer's ``service_ms`` is the time the request spent in the cloud: from the bridge
+receiving it to the bridge replying (waiting for a batch, the Serve call, the run). The
+device subtracts it from its round trip to learn the network's share, and adds the two
+to estimate a cloud request's completion time, so queueing in the cloud shows in the
+estimate and the device offloads less when the cloud is busy.
 
 A handle that also has ``remote_batch`` (a :class:`BatchServeHandle`, as
 ``deploy_model`` returns) gets its requests through a :class:`ModelBatcher`: one Serve
@@ -208,6 +215,7 @@ class InferenceBridge:
 
     # -- network thread: cheap checks only ---------------------------------------------------
     def _on_request(self, msg: MqttMessage) -> None:
+        received = time.monotonic()
         with self._lock:
             self.stats.received += 1
         try:
@@ -223,8 +231,11 @@ class InferenceBridge:
             # on, say, a desired-state topic through the bridge.
             self._count("malformed")
             self._count("dropped")
-            log.warning("request %s dropped: reply_to %r is not a device inbox",
-                        request.correlation_id, request.reply_to)
+            log.warning(
+                "request %s dropped: reply_to %r is not a device inbox",
+                request.correlation_id,
+                request.reply_to,
+            )
             return
         if request.deadline is not None and request.deadline <= self._clock():
             self._count("expired")
@@ -238,9 +249,11 @@ class InferenceBridge:
         if self._is_probe(request):
             self._count("probes")
             probe_reply = InferenceResponse(
-                correlation_id=request.correlation_id, model=request.model,
-                version=served.version, outputs={},
-                service_ms=self.service_ms(request.model) or 0.0,
+                correlation_id=request.correlation_id,
+                model=request.model,
+                version=served.version,
+                outputs={},
+                service_ms=self._expected_ms(request.model),
             )
             self._reply(request.reply_to, probe_reply)
             return
@@ -253,7 +266,7 @@ class InferenceBridge:
             self._error(request, "over_capacity", f"{self.max_in_flight} requests in flight")
             return
         assert self._loop is not None
-        asyncio.run_coroutine_threadsafe(self._forward(request, served), self._loop)
+        asyncio.run_coroutine_threadsafe(self._forward(request, served, received), self._loop)
 
     @staticmethod
     def _is_probe(request: InferenceRequest) -> bool:
@@ -261,11 +274,23 @@ class InferenceBridge:
         return len(request.inputs) == 1 and probe is not None and probe.shape == [0]
 
     # -- bridge loop: the Serve call ------------------------------------------------------------
-    async def _forward(self, request: InferenceRequest, served: ServedModel) -> None:
+    def _expected_ms(self, model: str) -> float:
+        """What a request for ``model`` arriving now would spend in the cloud, for
+        probes: the batcher's view of its queue (so the figure falls as soon as a
+        backlog clears), else the running average (0 until measured)."""
+        batcher = self._batchers.get(model)
+        if batcher is not None and batcher.calls:
+            return batcher.expected_s() * 1000.0
+        return self.service_ms(model) or 0.0
+
+    async def _forward(
+        self, request: InferenceRequest, served: ServedModel, received: float
+    ) -> None:
         try:
             inputs = {name: t.to_numpy() for name, t in request.inputs.items()}
             timeout = (
-                request.deadline - self._clock() if request.deadline is not None
+                request.deadline - self._clock()
+                if request.deadline is not None
                 else self.default_timeout_s
             )
             if timeout <= 0:
@@ -283,7 +308,7 @@ class InferenceBridge:
                 why = f"Serve call failed: {type(exc).__name__}"
                 self._error(request, "cloud_unavailable", why)
                 return
-            self._answer(request, served, result)
+            self._answer(request, served, result, received)
         except Exception:
             log.exception("bridge failed on request %s", request.correlation_id)
         finally:
@@ -300,8 +325,10 @@ class InferenceBridge:
         batcher = self._batchers.get(model)
         if batcher is None or batcher.key is not handle:  # new model, or a new version
             batcher = ModelBatcher(
-                self._batch_call(handle), max_batch=self.max_batch,
-                max_calls=self.max_concurrent_batches, hang_timeout_s=self.default_timeout_s,
+                self._batch_call(handle),
+                max_batch=self.max_batch,
+                max_calls=self.max_concurrent_batches,
+                hang_timeout_s=self.default_timeout_s,
                 key=handle,
             )
             self._batchers[model] = batcher
@@ -321,14 +348,16 @@ class InferenceBridge:
 
         return call
 
-    def _answer(self, request: InferenceRequest, served: ServedModel, result: Any) -> None:
+    def _answer(
+        self, request: InferenceRequest, served: ServedModel, result: Any, received: float
+    ) -> None:
         if not isinstance(result, dict):
             self._error(request, "cloud_unavailable", "Serve returned an unexpected value")
             return
         if "error" in result:
             self._error(request, str(result["error"]), str(result.get("message", "")))
             return
-        service_ms = float(result["service_ms"])
+        service_ms = (time.monotonic() - received) * 1000.0
         try:
             outputs = {
                 name: Tensor.from_numpy(np.asarray(v)) for name, v in result["outputs"].items()
@@ -342,8 +371,11 @@ class InferenceBridge:
                 service_ms if old is None else old + self._alpha * (service_ms - old)
             )
         response = InferenceResponse(
-            correlation_id=request.correlation_id, model=request.model, version=served.version,
-            outputs=outputs, service_ms=service_ms,
+            correlation_id=request.correlation_id,
+            model=request.model,
+            version=served.version,
+            outputs=outputs,
+            service_ms=service_ms,
         )
         if self._reply(request.reply_to, response):
             self._count("answered")
