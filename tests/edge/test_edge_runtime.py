@@ -211,3 +211,51 @@ def test_process_usage_without_psutil(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(_status, "open", no_proc, raising=False)
     assert _resident_bytes() / 1e6 >= 0.9 * mem
+
+
+# -- giving freed memory back (fogline-edge run) ----------------------------------------
+
+
+def test_release_freed_heap_runs_on_glibc_and_is_a_noop_elsewhere() -> None:
+    import os
+    import sys
+
+    from fogline.edge import _runtime
+
+    on_glibc = sys.platform.startswith("linux") and (
+        os.confstr("CS_GNU_LIBC_VERSION") or ""
+    ).startswith("glibc")
+    assert (_runtime.glibc() is not None) == on_glibc
+    freed = _runtime.release_freed_heap()  # True only if glibc gave pages back
+    assert isinstance(freed, bool)
+    assert freed is False or on_glibc
+
+
+def test_a_swap_trims_the_heap_once_the_replaced_model_is_freed(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    from fogline.edge import _runtime
+
+    trims: list[int] = []
+    monkeypatch.setattr(_runtime, "release_freed_heap", lambda: trims.append(1) or True)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(build_model(seed=1))
+
+    def load(version: int) -> _runtime.LoadedModel:
+        return _runtime.load_model("digits", version, f"{version:064x}", path, threads=1)
+
+    slot = _runtime.ModelSlot(load(1))
+    assert slot.swap(load(2)) is not None  # off by default (simulated fleets)
+    gc.collect()
+    assert trims == []
+    monkeypatch.setattr(_runtime, "_trim_after_swaps", False)
+    _runtime.trim_heap_after_swaps()  # what fogline-edge run does
+    in_flight = slot.swap(load(3))  # a request still holds the old model...
+    gc.collect()
+    assert trims == []
+    assert in_flight is not None and in_flight.version == 2
+    del in_flight  # ...until it finishes
+    gc.collect()
+    assert trims == [1]

@@ -10,6 +10,8 @@ onnxruntime exceptions become Fogline errors in :func:`_translate_ort` only.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +47,43 @@ _ORT_DTYPES = {
     "tensor(double)": "float64",
 }
 _WARMUP_RUNS = 3
+
+
+def glibc() -> Any:
+    """The C library as a ctypes handle when it is glibc (whose malloc the agent tunes),
+    else None (other platforms, musl): the tuning is then skipped."""
+    global _glibc
+    if _glibc is False:
+        _glibc = None
+        if sys.platform.startswith("linux"):
+            try:
+                if (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+                    import ctypes
+
+                    _glibc = ctypes.CDLL(None)
+            except (OSError, ValueError):
+                pass
+    return _glibc
+
+
+_glibc: Any = False  # not looked up yet
+_trim_after_swaps = False
+
+
+def release_freed_heap() -> bool:
+    """``malloc_trim(0)``: hand the heap's free pages back to the OS. glibc returns only
+    the top of its main heap by itself, so what imports, model parsing and a replaced
+    session freed in the middle stays resident. A no-op (False) off glibc."""
+    libc = glibc()
+    return libc is not None and bool(libc.malloc_trim(0))
+
+
+def trim_heap_after_swaps(enabled: bool = True) -> None:
+    """Trim the heap when a replaced model is freed. For a process that runs one agent
+    (``fogline-edge run``); off by default, as a process with a simulated fleet swaps
+    often and each trim walks the whole heap."""
+    global _trim_after_swaps
+    _trim_after_swaps = enabled
 
 
 def _translate_ort(exc: Exception, action: str) -> FoglineError:
@@ -100,6 +139,9 @@ class ModelSlot:
         is atomic, so readers see either the old or the new model, never a mix."""
         with self._lock:
             old, self.current = self.current, model
+        if old is not None and _trim_after_swaps:
+            # When the last request in flight lets go of the old session.
+            weakref.finalize(old, release_freed_heap)
         return old
 
 

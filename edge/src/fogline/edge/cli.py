@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -24,6 +23,7 @@ from fogline.protocol import FoglineError
 
 from ._agent import Agent
 from ._config import load_config
+from ._runtime import glibc, release_freed_heap, trim_heap_after_swaps
 from ._status import STATUS_FILE
 
 __all__ = ["main"]
@@ -73,6 +73,10 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     agent.start()
+    # Start-up garbage (imports, model parsing, the first heartbeat) is freed by now but
+    # still resident until glibc gives it back; swaps trim again (see _runtime).
+    trim_heap_after_swaps()
+    release_freed_heap()
     serving = {name: m.version for name, m in agent.models().items()}
     ready = {
         "event": "ready",
@@ -206,16 +210,8 @@ def _limit_malloc_arenas(arenas: int = 2) -> bool:
     threads (MQTT, telemetry, delivery, HTTP connections) do not contend enough to need
     them (-0.7 MB resident). Only takes effect before those threads start; a no-op
     (False) off glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
-            return False  # musl and others have no arenas to cap
-        import ctypes
-
-        return bool(ctypes.CDLL(None).mallopt(_M_ARENA_MAX, arenas))
-    except (OSError, ValueError, AttributeError):
-        return False
+    libc = glibc()
+    return libc is not None and bool(libc.mallopt(_M_ARENA_MAX, arenas))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
