@@ -7,8 +7,21 @@ CNN stand-in for the reference CNN (see bench/edge_overhead.py).
 
 A third agent variant verifies one signed release manifest in the agent's process
 before the CLI starts, as a connected agent does at its first release or desired state:
-``cryptography`` (and its bundled OpenSSL) loads only then, so this is the resident
+the ed25519 backend (PyNaCl, else cryptography) loads only then, so this is the resident
 memory of an agent in steady state with a broker.
+
+Every process runs as an installed agent does, with compiled ``.pyc`` files: the
+development environment sets PYTHONDONTWRITEBYTECODE and installs Fogline editable, so
+without this each start would compile Fogline's sources again. The caches go to a
+temporary PYTHONPYCACHEPREFIX, filled by one unmeasured start of each variant. A fourth
+agent variant runs without them (compiling at every start, as the development checkout
+does) to show what that costs.
+
+RSS is split into anonymous memory (the process's own: heaps, Python objects, thread
+stacks) and file-backed pages (shared library code, including pages of numpy's and
+onnxruntime's libraries that the kernel maps around the ones touched). The file-backed
+part depends on the library versions installed (printed) and on the page cache, so
+compare with the baseline of the same run.
 
     .venv/bin/python bench/edge_footprint.py [--runs 5] [--json]
 """
@@ -60,6 +73,33 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
+def subprocess_env(pycache: Path | None) -> dict[str, str]:
+    """The environment of a measured process: with ``pycache``, compiled sources are
+    written there and read back at the next start; without, nothing is written and
+    Fogline's sources are compiled at every start (the development checkout)."""
+    env = dict(os.environ)
+    if pycache is None:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env.pop("PYTHONPYCACHEPREFIX", None)
+    else:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(pycache)
+    return env
+
+
+def resident(pid: int) -> tuple[float, float, float]:
+    """(RSS, anonymous, file-backed) in MB, from /proc (psutil where there is none)."""
+    try:
+        fields = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+        kb = {k: int(fields[k].split()[0]) for k in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}
+        return kb["VmRSS"] / 1024, kb["RssAnon"] / 1024, (kb["RssFile"] + kb["RssShmem"]) / 1024
+    except (OSError, KeyError, ValueError):
+        rss = psutil.Process(pid).memory_info().rss / 2**20
+        return rss, float("nan"), float("nan")
+
+
 def _infer_ok(port: int, body: bytes) -> bool:
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
@@ -71,7 +111,9 @@ def _infer_ok(port: int, body: bytes) -> bool:
         return False
 
 
-def run_agent(tmp: Path, http_on: bool, verify: list[str] | None = None) -> dict[str, float]:
+def run_agent(
+    tmp: Path, http_on: bool, pycache: Path | None, verify: list[str] | None = None
+) -> dict[str, float]:
     """``verify``: [signed release file, public key] to check one signature first."""
     port = free_port()
     config = {
@@ -105,6 +147,7 @@ def run_agent(tmp: Path, http_on: bool, verify: list[str] | None = None) -> dict
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env=subprocess_env(pycache),
     )
     try:
         assert proc.stdout is not None
@@ -119,26 +162,55 @@ def run_agent(tmp: Path, http_on: bool, verify: list[str] | None = None) -> dict
             for _ in range(200):
                 _infer_ok(port, body)
         time.sleep(0.3)
-        rss = psutil.Process(proc.pid).memory_info().rss / 2**20
+        rss, anon, file = resident(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
-    return {"ready_s": ready_s, "served_s": served_s, "rss_mb": rss}
+    return {
+        "ready_s": ready_s,
+        "served_s": served_s,
+        "rss_mb": rss,
+        "anon_mb": anon,
+        "file_mb": file,
+    }
 
 
-def run_baseline(model: Path) -> dict[str, float]:
+def run_baseline(model: Path, pycache: Path) -> dict[str, float]:
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", _BASELINE, str(model)], stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BASELINE, str(model)],
+        stdout=subprocess.PIPE,
+        env=subprocess_env(pycache),
+    )
     try:
         assert proc.stdout is not None
         proc.stdout.readline()
         ready_s = time.perf_counter() - t0
         time.sleep(0.3)
-        rss = psutil.Process(proc.pid).memory_info().rss / 2**20
+        rss, anon, file = resident(proc.pid)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    return {"ready_s": ready_s, "rss_mb": rss}
+    return {"ready_s": ready_s, "rss_mb": rss, "anon_mb": anon, "file_mb": file}
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    found = {"python": sys.version.split()[0]}
+    for dist in ("numpy", "onnxruntime", "pydantic", "paho-mqtt", "pynacl", "cryptography"):
+        try:
+            found[dist] = version(dist)
+        except Exception:
+            found[dist] = "-"
+    return found
+
+
+def verify_backend() -> str:
+    """The ed25519 backend an agent process checks signatures with (asked in a fresh
+    process: this one has cryptography loaded by the release kit's signer)."""
+    code = "from fogline.protocol import _signing; print(_signing._verify_backend()[0])"
+    return subprocess.check_output([sys.executable, "-c", code], text=True).strip()
 
 
 def main() -> None:
@@ -152,6 +224,7 @@ def main() -> None:
         "agent_http": [],
         "agent_no_http": [],
         "agent_http_verified": [],
+        "agent_http_no_pyc": [],
     }
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -162,28 +235,44 @@ def main() -> None:
         release = tmp / "release.msgpack"
         release.write_bytes(encode(kit.release("cnn", 1, data)))
         verify = [str(release), kit.public_key]
-        for _ in range(args.runs):  # interleaved, so load changes hit all three alike
-            rows["baseline"].append(run_baseline(model))
-            rows["agent_http"].append(run_agent(tmp, True))
-            rows["agent_no_http"].append(run_agent(tmp, False))
-            rows["agent_http_verified"].append(run_agent(tmp, True, verify))
+        pycache = tmp / "pycache"
+        # Unmeasured: fill the .pyc cache, as an install does.
+        run_baseline(model, pycache)
+        run_agent(tmp, True, pycache, verify)
+        for _ in range(args.runs):  # interleaved, so load changes hit all variants alike
+            rows["baseline"].append(run_baseline(model, pycache))
+            rows["agent_http"].append(run_agent(tmp, True, pycache))
+            rows["agent_no_http"].append(run_agent(tmp, False, pycache))
+            rows["agent_http_verified"].append(run_agent(tmp, True, pycache, verify))
+            rows["agent_http_no_pyc"].append(run_agent(tmp, True, None))
 
     def med(name: str, key: str) -> float:
         return round(statistics.median(r[key] for r in rows[name]), 3)
 
-    result = {
+    result: dict[str, object] = {
         "model": "onnx.helper CNN 1x1x8x8 -> 10 (stand-in for the reference CNN)",
         "runs": args.runs,
+        "versions": versions(),
+        "verify_backend": verify_backend(),
         "baseline_rss_mb": med("baseline", "rss_mb"),
         "agent_rss_mb": med("agent_http", "rss_mb"),
         "agent_no_http_rss_mb": med("agent_no_http", "rss_mb"),
         "agent_after_signature_check_rss_mb": med("agent_http_verified", "rss_mb"),
+        "agent_compiling_at_start_rss_mb": med("agent_http_no_pyc", "rss_mb"),
         "rss_ratio_vs_baseline": round(med("agent_http", "rss_mb") / med("baseline", "rss_mb"), 2),
+        "agent_after_signature_check_over_baseline_mb": round(
+            med("agent_http_verified", "rss_mb") - med("baseline", "rss_mb"), 1
+        ),
         "target_rss_mb": TARGET_RSS_MB,
+        "baseline_anon_mb": med("baseline", "anon_mb"),
+        "baseline_file_mb": med("baseline", "file_mb"),
+        "agent_after_signature_check_anon_mb": med("agent_http_verified", "anon_mb"),
+        "agent_after_signature_check_file_mb": med("agent_http_verified", "file_mb"),
         "baseline_cold_start_s": med("baseline", "ready_s"),
         "agent_cold_start_s": med("agent_http", "ready_s"),
         "agent_first_http_infer_s": med("agent_http", "served_s"),
         "agent_no_http_cold_start_s": med("agent_no_http", "ready_s"),
+        "agent_compiling_at_start_cold_start_s": med("agent_http_no_pyc", "ready_s"),
         "cold_start_ratio_vs_baseline": round(
             med("agent_http", "served_s") / med("baseline", "ready_s"), 2
         ),
@@ -193,7 +282,7 @@ def main() -> None:
         print(json.dumps(result))
     else:
         for key, value in result.items():
-            print(f"{key:>30}: {value}")
+            print(f"{key:>45}: {value}")
 
 
 if __name__ == "__main__":
