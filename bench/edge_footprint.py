@@ -8,14 +8,15 @@ CNN stand-in for the reference CNN (see bench/edge_overhead.py).
 A third agent variant verifies one signed release manifest in the agent's process
 before the CLI starts, as a connected agent does at its first release or desired state:
 the ed25519 backend (PyNaCl, else cryptography) loads only then, so this is the resident
-memory of an agent in steady state with a broker.
+memory of an agent in steady state with a broker. Another makes the same check with
+``cryptography`` (PyNaCl hidden): what the fallback backend costs.
 
 Every process runs as an installed agent does, with compiled ``.pyc`` files: the
 development environment sets PYTHONDONTWRITEBYTECODE and installs Fogline editable, so
 without this each start would compile Fogline's sources again. The caches go to a
-temporary PYTHONPYCACHEPREFIX, filled by one unmeasured start of each variant. A fourth
-agent variant runs without them (compiling at every start, as the development checkout
-does) to show what that costs.
+temporary PYTHONPYCACHEPREFIX, filled by unmeasured starts. One more agent variant
+runs without them (compiling at every start, as the development checkout does) to
+show what that costs.
 
 RSS is split into anonymous memory (the process's own: heaps, Python objects, thread
 stacks) and file-backed pages (shared library code, including pages of numpy's and
@@ -65,11 +66,13 @@ time.sleep(60)
 _VERIFIED_AGENT = """
 import sys
 from pathlib import Path
+if sys.argv[3] == "cryptography":
+    sys.modules["nacl"] = None  # PyNaCl missing: the fallback backend
 from fogline.protocol import SignedRelease, TrustStore, decode, verify_release
 signed = decode(Path(sys.argv[1]).read_bytes(), SignedRelease)
 verify_release(signed, TrustStore.from_texts([sys.argv[2]]))
 from fogline.edge.cli import main
-sys.exit(main(sys.argv[3:]))
+sys.exit(main(sys.argv[4:]))
 """
 
 
@@ -114,7 +117,8 @@ def _infer_ok(port: int, body: bytes) -> bool:
 def run_agent(
     tmp: Path, http_on: bool, pycache: Path | None, verify: list[str] | None = None
 ) -> dict[str, float]:
-    """``verify``: [signed release file, public key] to check one signature first."""
+    """``verify``: [signed release file, public key, backend] to check one signature
+    first, with backend "pynacl" (what an agent uses) or "cryptography" (the fallback)."""
     port = free_port()
     config = {
         "device_id": "footprint",
@@ -225,6 +229,7 @@ def main() -> None:
         "agent_no_http": [],
         "agent_http_verified": [],
         "agent_http_no_pyc": [],
+        "agent_http_verified_cryptography": [],
     }
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -234,17 +239,22 @@ def main() -> None:
         kit = ReleaseKit(Topics())
         release = tmp / "release.msgpack"
         release.write_bytes(encode(kit.release("cnn", 1, data)))
-        verify = [str(release), kit.public_key]
+        verify = [str(release), kit.public_key, "pynacl"]
+        verify_fallback = [str(release), kit.public_key, "cryptography"]
         pycache = tmp / "pycache"
         # Unmeasured: fill the .pyc cache, as an install does.
         run_baseline(model, pycache)
         run_agent(tmp, True, pycache, verify)
+        run_agent(tmp, True, pycache, verify_fallback)
         for _ in range(args.runs):  # interleaved, so load changes hit all variants alike
             rows["baseline"].append(run_baseline(model, pycache))
             rows["agent_http"].append(run_agent(tmp, True, pycache))
             rows["agent_no_http"].append(run_agent(tmp, False, pycache))
             rows["agent_http_verified"].append(run_agent(tmp, True, pycache, verify))
             rows["agent_http_no_pyc"].append(run_agent(tmp, True, None))
+            rows["agent_http_verified_cryptography"].append(
+                run_agent(tmp, True, pycache, verify_fallback)
+            )
 
     def med(name: str, key: str) -> float:
         return round(statistics.median(r[key] for r in rows[name]), 3)
@@ -258,6 +268,9 @@ def main() -> None:
         "agent_rss_mb": med("agent_http", "rss_mb"),
         "agent_no_http_rss_mb": med("agent_no_http", "rss_mb"),
         "agent_after_signature_check_rss_mb": med("agent_http_verified", "rss_mb"),
+        "agent_after_check_with_cryptography_rss_mb": med(
+            "agent_http_verified_cryptography", "rss_mb"
+        ),
         "agent_compiling_at_start_rss_mb": med("agent_http_no_pyc", "rss_mb"),
         "rss_ratio_vs_baseline": round(med("agent_http", "rss_mb") / med("baseline", "rss_mb"), 2),
         "agent_after_signature_check_over_baseline_mb": round(
