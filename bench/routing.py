@@ -238,6 +238,14 @@ def main() -> None:
         default=None,
         help="override the profile's speed factor (1 = host speed, sharing its cores)",
     )
+    parser.add_argument(
+        "--on-no-path",
+        choices=("run-late", "refuse"),
+        default="run-late",
+        help="what the agent does when no path meets the budget (the agent's setting)",
+    )
+    parser.add_argument("--loads", type=float, nargs="+", default=list(LOADS))
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     console = Console(stderr=args.json)
@@ -288,7 +296,12 @@ def main() -> None:
             topic_prefix=topics.prefix,
             # One inference at a time: the profile's device has one inference thread.
             capacity={"max_in_flight": 1, "max_queue": 64, "intra_op_threads": profile.threads},
-            routing={"grace_ms": 10.0, "probe_interval_s": 0.2, "breaker_failures": 20},
+            routing={
+                "grace_ms": 10.0,
+                "probe_interval_s": 0.2,
+                "breaker_failures": 20,
+                "on_no_path": args.on_no_path,
+            },
         )
         agent = Agent(
             config, transport=edge_tx, session_cache=SlowSessionCache(SessionCache(), speed)
@@ -310,8 +323,8 @@ def main() -> None:
             f"cloud round trip {cloud.rtt_ms or 0:.1f} ms + service "
             f"{cloud.service_ms(MODEL) or 0:.1f} ms (one-way delay {args.delay_ms:.0f} ms)"
         )
-        for load in LOADS:
-            for policy in POLICIES:
+        for load in args.loads:
+            for policy in args.policies:
                 row = run_load(policy, capacity * load, args.duration, agent, x, load)
                 rows.append(row)
                 console.print(f"{load}x {policy}: met {row.met_budget:.3f}")
@@ -357,8 +370,10 @@ def _timed(fn: Any) -> float:
 
 def report(rows: list[Row], service: float, capacity: float, args: Any, console: Console) -> None:
     ratios = {}
-    for load in LOADS:
+    for load in args.loads:
         by = {r.policy: r for r in rows if r.load == load}
+        if len(by) < len(POLICIES):
+            continue
         best = max(by["local-only"].met_budget, by["cloud-only"].met_budget)
         ratios[str(load)] = by["local-first"].met_budget / best if best else float("inf")
     if args.json:
@@ -367,6 +382,7 @@ def report(rows: list[Row], service: float, capacity: float, args: Any, console:
                 {
                     "budget_ms": BUDGET_MS,
                     "delay_ms": args.delay_ms,
+                    "on_no_path": args.on_no_path,
                     "local_service_ms": service,
                     "local_capacity_rps": capacity,
                     "rows": [asdict(r) for r in rows],
@@ -375,7 +391,10 @@ def report(rows: list[Row], service: float, capacity: float, args: Any, console:
             )
         )
         return
-    title = f"Routing, budget {BUDGET_MS:.0f} ms, one-way delay {args.delay_ms:.0f} ms"
+    title = (
+        f"Routing, budget {BUDGET_MS:.0f} ms, one-way delay {args.delay_ms:.0f} ms, "
+        f"no path: {args.on_no_path}"
+    )
     table = Table(title=title)
     columns = ("load", "policy", "req/s", "n", "met", "p50 ms", "p99 ms", "offload", "refused")
     for col in columns:

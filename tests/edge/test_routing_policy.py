@@ -259,6 +259,29 @@ def test_router_falls_back_locally_when_the_cloud_fails() -> None:
     assert (res.target, res.fell_back, res.version) == ("edge", True, 3)
 
 
+def test_router_refuses_a_fallback_that_cannot_meet_the_budget_when_told_to() -> None:
+    cloud = FakeCloud(fail=CloudUnavailableError("timeout"))
+    ran: list[int] = []
+
+    def run_local() -> LocalResult:
+        ran.append(1)
+        return local_answer([1, 0])
+
+    router = Router(RoutingSettings(on_no_path="refuse"), cloud)
+    # BUSY: the local estimate (~110 ms) is why the request went to the cloud.
+    with pytest.raises(BudgetExceededError, match="running locally would miss"):
+        router.route("m", {}, run_local, local=BUSY, budget_ms=50)
+    assert not ran  # no local slot taken by a request that cannot make it
+    # Per request, run-late still runs it locally, marked late.
+    late = router.route("m", {}, run_local, local=BUSY, budget_ms=50, on_no_path="run-late")
+    assert (late.target, late.fell_back) == ("edge", True)
+    assert ran == [1]
+    # A fallback that still fits the budget runs locally under refuse too.
+    stressed = LoadHints(thermal="hot")  # offloaded for heat, though local would fit
+    fits = router.route("m", {}, run_local, local=IDLE, budget_ms=50, hints=stressed)
+    assert (fits.target, fits.fell_back) == ("edge", True)
+
+
 def test_router_reraises_cloud_failure_for_cloud_only_or_no_variant() -> None:
     cloud = FakeCloud(fail=CloudUnavailableError("timeout"))
     router = Router(RoutingSettings(), cloud)

@@ -315,12 +315,20 @@ class Agent:
                 service_ms=a.service_estimate_ms(model),
             )
 
+        started = _now()
+
         def run_local() -> LocalResult:
             nonlocal ran_local
             if loaded is None:  # the router never runs locally without a local model
                 raise UnknownModelError(f"model {model!r} has no local variant here")
             ran_local = True
-            result = self._infer_local(loaded, inputs, budget_ms)
+            # Wait for a slot only as long as the budget lasts (after a failed cloud
+            # call, what is left of it, or the grace bound if nothing is).
+            wait_ms = budget_ms
+            if budget_ms is not None:
+                left = budget_ms - (_now() - started) * 1000.0
+                wait_ms = left if left > 0 else max(self.config.routing.grace_ms, 1.0)
+            result = self._infer_local(loaded, inputs, wait_ms)
             return LocalResult(result.outputs, result.version)
 
         try:

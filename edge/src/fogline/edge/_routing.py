@@ -20,7 +20,10 @@ No path meets the budget: with ``on_no_path="run-late"`` the request runs anyway
 when it can) and its result is marked late; with ``"refuse"`` :func:`decide` raises
 :class:`BudgetExceededError` at once. A cloud call never waits longer than the remaining
 budget plus ``grace_ms``; if it fails and the model has a local variant, the request
-runs locally (so the bound is budget + grace + one local service time).
+runs locally (so the bound is budget + grace + one local service time), unless
+``on_no_path="refuse"`` and the local estimate no longer fits the budget left: then it
+is refused at once with :class:`BudgetExceededError`. A request that cannot meet its
+budget anyway must not take a local slot from one that still can.
 """
 
 from __future__ import annotations
@@ -475,6 +478,7 @@ class Router:
             except (CloudUnavailableError, BudgetExceededError) as exc:
                 if chosen == RoutingPolicy.CLOUD_ONLY or not local.has_model:
                     raise
+                self._refuse_late_fallback(run, local, on_no_path, exc)
                 log.info("cloud failed for %s (%s); running locally", model, exc.code)
                 fallback = run_local()
                 return self._finish(run, fallback.outputs, "edge", fallback.version, fell_back=True)
@@ -509,6 +513,20 @@ class Router:
             log.info("cascade: cloud failed for %s (%s); keeping the local answer", model, exc.code)
             return self._finish(run, local_result.outputs, "edge", local_result.version)
         return self._finish(run, answer.outputs, "cloud", answer.version, escalated=True)
+
+    def _refuse_late_fallback(
+        self, run: _Run, local: LocalState, on_no_path: OnNoPath | None, exc: FoglineError
+    ) -> None:
+        """With ``refuse``, a fallback that cannot meet the budget left is refused."""
+        if (on_no_path or self.settings.on_no_path) != "refuse" or run.budget is None:
+            return
+        left = run.budget - self._spent_ms(run.start)
+        local_est = estimate_local_ms(local)
+        if left <= 0 or (local_est is not None and local_est > left):
+            raise BudgetExceededError(
+                f"the cloud failed ({exc.code}) and running locally would miss the budget "
+                f"({max(left, 0.0):.1f} ms left, local estimate {_fmt(local_est)})"
+            ) from exc
 
     def _spent_ms(self, start: float) -> float:
         return (self._clock() - start) * 1000.0
