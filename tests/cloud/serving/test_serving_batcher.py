@@ -90,6 +90,12 @@ def test_batcher_expected_time_follows_its_queue() -> None:
         await asyncio.gather(first, *waiting)
         # The backlog is gone: the estimate drops at once (no average to decay).
         assert batcher.expected_s() == pytest.approx(batcher.overhead_s + batcher.item_s)
+        # Idle past fresh_s: the averages may be left over from a burst that made
+        # clients stop sending; answer with the fastest recent call instead.
+        batcher.overhead_s = 5.0
+        assert batcher.expected_s() == pytest.approx(5.0 + batcher.item_s)
+        batcher.fresh_s = 0.0
+        assert batcher.expected_s() < 1.0
 
     asyncio.run(scenario())
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class ModelBatcher:
         max_calls: int = 2,
         hang_timeout_s: float = 10.0,
         alpha: float = 0.2,
+        fresh_s: float = 1.0,
         key: object = None,
     ) -> None:
         if max_batch < 1 or max_calls < 1:
@@ -77,6 +79,9 @@ class ModelBatcher:
         self.calls = 0  # Serve calls made
         self.batched = 0  # requests those calls carried
         self.skipped = 0  # abandoned before they were sent
+        self.fresh_s = fresh_s
+        self._recent_calls: deque[float] = deque(maxlen=32)  # one request's call time
+        self._last_finish = float("-inf")  # time.monotonic() of the last call's end
         self._queue: deque[_Item] = deque()
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()  # the loop only keeps weak references
@@ -88,9 +93,18 @@ class ModelBatcher:
     def expected_s(self) -> float:
         """How long a request submitted now would take: one call if a slot is free,
         else about one call's wait for a slot, then a batch behind those queued. Only
-        reads counters, so other threads may ask (a slightly stale answer is fine)."""
+        reads counters, so other threads may ask (a slightly stale answer is fine).
+
+        With no call for ``fresh_s``, the running estimates are old news: they may
+        come from a burst that made clients stop sending, and would then keep them
+        away forever (nothing updates them without calls). So an idle batcher answers
+        with the fastest single call it recently made, and the next real calls
+        correct it if the cloud is still slow."""
         call = self.overhead_s + self.item_s
         if self._running < self.max_calls:
+            idle = time.monotonic() - self._last_finish > self.fresh_s
+            if idle and self._recent_calls:
+                return min(self._recent_calls)
             return call
         return call + self.overhead_s + (len(self._queue) + 1) * self.item_s
 
@@ -159,6 +173,8 @@ class ModelBatcher:
         a = self._alpha if self.calls > 1 else 1.0  # the first call sets the estimates
         self.item_s += a * (run / size - self.item_s)
         self.overhead_s += a * ((took - run) - self.overhead_s)
+        self._recent_calls.append(took - run + run / size)
+        self._last_finish = time.monotonic()
 
 
 async def _resolve(awaitable: Awaitable[Any]) -> Any:
