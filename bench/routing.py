@@ -149,6 +149,8 @@ class Row:
     p99_ms: float
     offload_ratio: float
     refused: int
+    late_edge: int  # answered after the budget, on the edge
+    late_cloud: int  # answered after the budget, from the cloud
 
 
 def install(data_dir: Path, model: bytes) -> None:
@@ -210,6 +212,7 @@ def run_load(
     if errors:
         log.warning("%s at %.1fx: errors %s", policy, load, errors)
     lat = np.array(latencies)
+    answered = list(zip(targets, latencies, strict=True))
     finite = lat[np.isfinite(lat)]
     return Row(
         load=load,
@@ -222,6 +225,8 @@ def run_load(
         p99_ms=float(np.percentile(lat, 99, method="higher")) if lat.size else float("nan"),
         offload_ratio=targets.count("cloud") / max(1, len(targets)),
         refused=refused,
+        late_edge=sum(t == "edge" and ms > BUDGET_MS for t, ms in answered),
+        late_cloud=sum(t == "cloud" and ms > BUDGET_MS for t, ms in answered),
     )
 
 
@@ -248,7 +253,7 @@ def main() -> None:
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    console = Console(stderr=args.json)
+    console = Console(stderr=args.json, width=150)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     profile = load_profiles()[args.profile]
     speed = args.speed_factor if args.speed_factor is not None else profile.speed_factor
@@ -396,7 +401,19 @@ def report(rows: list[Row], service: float, capacity: float, args: Any, console:
         f"no path: {args.on_no_path}"
     )
     table = Table(title=title)
-    columns = ("load", "policy", "req/s", "n", "met", "p50 ms", "p99 ms", "offload", "refused")
+    columns = (
+        "load",
+        "policy",
+        "req/s",
+        "n",
+        "met",
+        "p50 ms",
+        "p99 ms",
+        "offload",
+        "refused",
+        "late edge",
+        "late cloud",
+    )
     for col in columns:
         table.add_column(col, justify="right")
     for r in rows:
@@ -410,6 +427,8 @@ def report(rows: list[Row], service: float, capacity: float, args: Any, console:
             f"{r.p99_ms:.1f}",
             f"{r.offload_ratio:.1%}",
             str(r.refused),
+            str(r.late_edge),
+            str(r.late_cloud),
         )
     console.print(table)
     for load, ratio in ratios.items():

@@ -88,14 +88,14 @@ def test_batcher_expected_time_follows_its_queue() -> None:
         assert batcher.expected_s() == pytest.approx(0.012 + 0.010 + 4 * 0.002)
         call.gate.set()
         await asyncio.gather(first, *waiting)
-        # The backlog is gone: the estimate drops at once (no average to decay).
-        assert batcher.expected_s() == pytest.approx(batcher.overhead_s + batcher.item_s)
-        # Idle past fresh_s: the averages may be left over from a burst that made
-        # clients stop sending; answer with the fastest recent call instead.
-        batcher.overhead_s = 5.0
-        assert batcher.expected_s() == pytest.approx(5.0 + batcher.item_s)
+        # The backlog is gone: the estimate drops at once, to the median recent call
+        # (one slow call does not move it), then to the fastest once idle past
+        # fresh_s (the figures may be left from a burst that made clients stop).
+        batcher._recent_calls.clear()
+        batcher._recent_calls.extend([0.004, 0.005, 0.900])
+        assert batcher.expected_s() == pytest.approx(0.005)
         batcher.fresh_s = 0.0
-        assert batcher.expected_s() < 1.0
+        assert batcher.expected_s() == pytest.approx(min(batcher._recent_calls))
 
     asyncio.run(scenario())
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -95,17 +96,21 @@ class ModelBatcher:
         else about one call's wait for a slot, then a batch behind those queued. Only
         reads counters, so other threads may ask (a slightly stale answer is fine).
 
-        With no call for ``fresh_s``, the running estimates are old news: they may
-        come from a burst that made clients stop sending, and would then keep them
-        away forever (nothing updates them without calls). So an idle batcher answers
-        with the fastest single call it recently made, and the next real calls
-        correct it if the cloud is still slow."""
+        A free slot answers with the median of the last calls (one request's share),
+        so a single slow call (a pause in Ray, a busy core) does not scare clients
+        away. With no call for ``fresh_s`` even that is old news: it may come from a
+        burst that made clients stop sending, and would keep them away for good
+        (nothing updates it without calls). So an idle batcher answers with the
+        fastest recent call, and the next real calls correct it if the cloud is
+        still slow."""
+        recent = list(self._recent_calls)
         call = self.overhead_s + self.item_s
         if self._running < self.max_calls:
-            idle = time.monotonic() - self._last_finish > self.fresh_s
-            if idle and self._recent_calls:
-                return min(self._recent_calls)
-            return call
+            if not recent:
+                return call
+            if time.monotonic() - self._last_finish > self.fresh_s:
+                return min(recent)
+            return statistics.median(recent)
         return call + self.overhead_s + (len(self._queue) + 1) * self.item_s
 
     def submit(self, inputs: Inputs, timeout_s: float) -> asyncio.Future[Any]:
