@@ -311,3 +311,45 @@ def test_router_marks_late_results() -> None:
     res = router.route("m", {}, lambda: local_answer([1, 0]), local=IDLE, budget_ms=50)
     assert (res.late, res.met_budget) == (True, False)
     assert router.stats.met_budget_ratio == 0.0
+
+
+# -- confident and typical estimates ---------------------------------------------------------------
+
+
+def test_a_jittery_local_path_offloads_when_the_cloud_surely_meets_the_budget() -> None:
+    # Typical: a slot busy, none queued: 2 x 20 = 40 ms <= 50. Confident: 2 x 30 = 60 ms.
+    jittery = LocalState(in_flight=1, concurrency=1, service_ms=20.0, service_dev_ms=5.0)
+    steady_cloud = CloudState(available=True, rtt_ms=20.0, service_ms=5.0, deviation_ms=2.0)
+    d = decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=jittery, cloud=steady_cloud)
+    assert (d.target, d.reason) == ("cloud", "local_misses_budget")
+    # Neither surely meets it: the typical estimates decide, local first.
+    shaky_cloud = CloudState(available=True, rtt_ms=20.0, service_ms=5.0, deviation_ms=20.0)
+    d = decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=jittery, cloud=shaky_cloud)
+    assert (d.target, d.reason) == ("edge", "local_meets_budget")
+    # A steady local path that surely meets it stays local.
+    steady = LocalState(in_flight=1, concurrency=1, service_ms=20.0, service_dev_ms=1.0)
+    d = decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=steady, cloud=steady_cloud)
+    assert d.target == "edge"
+
+
+def test_confident_estimates_add_deviations_to_each_service_time() -> None:
+    local = LocalState(queue_depth=1, in_flight=1, concurrency=1, service_ms=10.0,
+                       service_dev_ms=2.0)
+    assert estimate_local_ms(local) == pytest.approx(30.0)
+    assert estimate_local_ms(local, 2.0) == pytest.approx(42.0)  # 3 x (10 + 2 x 2)
+    cloud = CloudState(available=True, rtt_ms=20.0, service_ms=5.0, deviation_ms=3.0)
+    assert estimate_cloud_ms(cloud) == pytest.approx(25.0)
+    assert estimate_cloud_ms(cloud, 2.0) == pytest.approx(31.0)
+
+
+def test_admission_tracks_the_deviation_of_service_times() -> None:
+    from fogline.edge import Admission
+
+    steady, jittery = Admission(1, 0, 10.0), Admission(1, 0, 10.0)
+    for i in range(40):
+        for adm, service in ((steady, 10.0), (jittery, 10.0 if i % 2 else 30.0)):
+            adm.acquire(None)
+            adm.release("m", service, service, True)
+    assert steady.service_deviation_ms("m") < 1.0
+    assert jittery.service_deviation_ms("m") > 5.0
+    assert jittery.service_deviation_ms("unknown") == 0.0

@@ -313,6 +313,7 @@ class Agent:
                 concurrency=a.max_in_flight,
                 max_queue=a.max_queue,
                 service_ms=a.service_estimate_ms(model),
+                service_dev_ms=a.service_deviation_ms(model),
             )
 
         started = _now()

@@ -24,6 +24,7 @@ from fogline.protocol import CapacityError
 __all__ = ["Admission", "CapacitySnapshot", "percentile"]
 
 _EWMA_ALPHA = 0.1
+_DEV_BETA = 0.25  # weight of a new sample in the mean deviation (as TCP's RTTVAR)
 _LATENCY_WINDOW = 2048
 _DRAIN_AT = 4096  # drain the log on the hot path only if nobody has read it for long
 
@@ -62,6 +63,7 @@ class Admission:
         self._budgeted = 0
         self._met = 0
         self._service_ms: dict[str, float] = {}
+        self._service_dev_ms: dict[str, float] = {}
         self._latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
 
     # -- hot path -------------------------------------------------------------------------
@@ -124,9 +126,15 @@ class Admission:
                     self._met += met
                 if ok:
                     est = self._service_ms.get(model)
-                    self._service_ms[model] = (
-                        service_ms if est is None else est + _EWMA_ALPHA * (service_ms - est)
-                    )
+                    if est is None:
+                        self._service_ms[model] = service_ms
+                        self._service_dev_ms[model] = service_ms / 4.0
+                    else:
+                        dev = self._service_dev_ms[model]
+                        self._service_dev_ms[model] = dev + _DEV_BETA * (
+                            abs(service_ms - est) - dev
+                        )
+                        self._service_ms[model] = est + _EWMA_ALPHA * (service_ms - est)
                     self._latencies.append(latency_ms)
                 else:
                     self._errors += 1
@@ -154,6 +162,11 @@ class Admission:
         """Running estimate (EWMA) of the local service time of ``model``."""
         self._drain()
         return self._service_ms.get(model)
+
+    def service_deviation_ms(self, model: str) -> float:
+        """Running mean deviation of the local service time of ``model`` (0 unknown)."""
+        self._drain()
+        return self._service_dev_ms.get(model, 0.0)
 
     def expected_wait_ms(self, model: str) -> float:
         """Rough local queueing delay: requests ahead times the service time per slot."""

@@ -77,6 +77,7 @@ _PROBE_TENSOR = Tensor(dtype="uint8", shape=[0], data=b"")
 _PATH_FAILURES = frozenset({"cloud_unavailable"})
 # ... and those that say it is alive but too busy for this request (feed the estimate).
 _BUSY_REPLIES = frozenset({"over_capacity", "deadline_exceeded"})
+_DEV_BETA = 0.25  # weight of a new sample in the mean deviation (as TCP's RTTVAR)
 
 
 def reply_error(reply: ErrorReply) -> FoglineError:
@@ -164,6 +165,7 @@ class CloudClient:
         self._pending: dict[str, _Pending] = {}
         self._rtt = _Ewma(alpha)
         self._service: dict[str, _Ewma] = {}
+        self._deviation: dict[str, float] = {}  # mean deviation of a request's round trip
         self._unserved: dict[str, float] = {}
         self._watched: set[str] = {validate_id(m, "model") for m in watch}
         self._last_sent = float("-inf")
@@ -232,8 +234,15 @@ class CloudClient:
             serves = until is None or self._clock() >= until
             ewma = self._service.get(model)
             rtt, service = self._rtt.value, ewma.value if ewma else None
+            deviation = self._deviation.get(model, 0.0)
         available = self._started and self.transport.connected and self.breaker.would_allow()
-        return CloudState(available=available, serves_model=serves, rtt_ms=rtt, service_ms=service)
+        return CloudState(
+            available=available,
+            serves_model=serves,
+            rtt_ms=rtt,
+            service_ms=service,
+            deviation_ms=deviation,
+        )
 
     # -- requests ---------------------------------------------------------------------------
     def infer(
@@ -328,9 +337,19 @@ class CloudClient:
                     service.value = reply.service_ms
                 self._rtt.update(rtt_ms)
             else:
+                self._deviate(model, rtt_ms, service.value)
                 service.update(reply.service_ms)
                 self._rtt.update(max(0.0, rtt_ms - reply.service_ms))
         return reply, rtt_ms
+
+    def _deviate(self, model: str, total_ms: float, service_ms: float | None) -> None:
+        """Fold one request's whole round trip into its mean deviation from the
+        estimate (lock held). Probes do not count: they skip the cloud's queue."""
+        if self._rtt.value is None or service_ms is None:
+            return
+        miss = abs(total_ms - (self._rtt.value + service_ms))
+        old = self._deviation.get(model)
+        self._deviation[model] = miss if old is None else old + _DEV_BETA * (miss - old)
 
     def _on_error_reply(self, model: str, reply: ErrorReply, timeout_s: float) -> NoReturn:
         with self._lock:
@@ -353,6 +372,7 @@ class CloudClient:
             self.stats.busy += 1
             rtt = self._rtt.value or 0.0
             service = self._service.setdefault(model, _Ewma(self._alpha))
+            self._deviate(model, allowed_s * 1000.0, service.value)
             floor = max(0.0, allowed_s * 1000.0 - rtt)
             if service.value is None or service.value < floor:
                 service.update(floor)

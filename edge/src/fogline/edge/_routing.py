@@ -9,9 +9,17 @@ cascade and falls back to local inference when the cloud fails.
 
 Estimates (milliseconds)::
 
-    local = (queue_depth + 1) * service_ewma / concurrency + service_ewma   (all slots busy)
-          = service_ewma                                                  (a slot is free)
+    local = (queue_depth + 1) * service / concurrency + service   (all slots busy)
+          = service                                             (a slot is free)
     cloud = rtt_ewma + cloud_service_ewma
+
+Each estimate comes in two forms: *typical* (``service`` is the running average) and
+*confident*, which adds :data:`CONFIDENT_DEVIATIONS` running mean deviations of each
+service time (local) or of the whole cloud round trip (cloud), in the way TCP sets its
+retransmission timeout. ``local-first`` and ``cloud-first`` first look for a path whose
+confident estimate meets the budget, and only then for one whose typical estimate
+does: on a jittery device or link, a path that meets the budget on average still
+misses it often, while the other path may have room to spare.
 
 An unknown estimate (nothing measured yet) counts as meeting the budget: the first
 requests teach the estimator, and probes fill the cloud side while idle.
@@ -48,6 +56,7 @@ from fogline.protocol import (
 )
 
 __all__ = [
+    "CONFIDENT_DEVIATIONS",
     "CloudPath",
     "CloudResult",
     "CloudState",
@@ -70,6 +79,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("fogline.edge.routing")
+
+CONFIDENT_DEVIATIONS = 2.0
+"""How many mean deviations a confident estimate adds to each service time."""
 
 Target = Literal["edge", "cloud"]
 OnNoPath = Literal["run-late", "refuse"]
@@ -163,6 +175,7 @@ class LocalState:
     concurrency: int = 1
     max_queue: int = 1 << 30
     service_ms: float | None = None  # EWMA of local service time
+    service_dev_ms: float = 0.0  # its running mean deviation
 
     @property
     def saturated(self) -> bool:
@@ -176,6 +189,7 @@ class CloudState:
     serves_model: bool = True
     rtt_ms: float | None = None
     service_ms: float | None = None
+    deviation_ms: float = 0.0  # running mean deviation of the whole round trip
 
 
 @dataclass(frozen=True)
@@ -188,20 +202,22 @@ class RouteDecision:
     cascade: bool = False  # run locally, escalate to the cloud on low confidence
 
 
-def estimate_local_ms(local: LocalState) -> float | None:
-    """Queue wait plus service time; no wait while a slot is free."""
+def estimate_local_ms(local: LocalState, deviations: float = 0.0) -> float | None:
+    """Queue wait plus service time; no wait while a slot is free. ``deviations``:
+    mean deviations added to each service time (0: typical, else confident)."""
     if local.service_ms is None:
         return None
+    service = local.service_ms + deviations * local.service_dev_ms
     if local.in_flight < local.concurrency and local.queue_depth == 0:
-        return local.service_ms
-    wait = (local.queue_depth + 1) * local.service_ms / max(1, local.concurrency)
-    return wait + local.service_ms
+        return service
+    wait = (local.queue_depth + 1) * service / max(1, local.concurrency)
+    return wait + service
 
 
-def estimate_cloud_ms(cloud: CloudState) -> float | None:
+def estimate_cloud_ms(cloud: CloudState, deviations: float = 0.0) -> float | None:
     if cloud.rtt_ms is None:
         return None
-    return cloud.rtt_ms + (cloud.service_ms or 0.0)
+    return cloud.rtt_ms + (cloud.service_ms or 0.0) + deviations * cloud.deviation_ms
 
 
 def _meets(estimate: float | None, budget_ms: float | None) -> bool:
@@ -285,21 +301,32 @@ def decide(
     if policy == RoutingPolicy.CASCADE:
         return made("edge", "cascade", cascade=True)
 
+    # Confident estimates first, typical ones second (see the module docstring).
+    passes = (
+        (
+            estimate_local_ms(local, CONFIDENT_DEVIATIONS),
+            estimate_cloud_ms(cloud, CONFIDENT_DEVIATIONS),
+        ),
+        (local_est, cloud_est),
+    )
+
     if policy == RoutingPolicy.CLOUD_FIRST:
-        if cloud_ok and _meets(cloud_est, budget_ms):
-            return made("cloud", "cloud_first")
-        if _meets(local_est, budget_ms):
-            return made("edge", "cloud_unfit")
+        for local_at, cloud_at in passes:
+            if cloud_ok and _meets(cloud_at, budget_ms):
+                return made("cloud", "cloud_first")
+            if _meets(local_at, budget_ms):
+                return made("edge", "cloud_unfit")
         return no_path_left("cloud-first")
 
     # local-first
     stress = hints.stressed(settings)
     if stress is not None and cloud_ok and _meets(cloud_est, budget_ms):
         return made("cloud", f"device_{stress}")
-    if _meets(local_est, budget_ms):
-        return made("edge", "local_meets_budget")
-    if cloud_ok and _meets(cloud_est, budget_ms):
-        return made("cloud", "local_misses_budget")
+    for local_at, cloud_at in passes:
+        if _meets(local_at, budget_ms):
+            return made("edge", "local_meets_budget")
+        if cloud_ok and _meets(cloud_at, budget_ms):
+            return made("cloud", "local_misses_budget")
     return no_path_left("local-first")
 
 
