@@ -342,7 +342,7 @@ def test_confident_estimates_add_deviations_to_each_service_time() -> None:
     assert estimate_cloud_ms(cloud, 2.0) == pytest.approx(31.0)
 
 
-def test_admission_tracks_the_deviation_of_service_times() -> None:
+def test_admission_routing_estimate_is_robust_and_goes_stale() -> None:
     from fogline.edge import Admission
 
     steady, jittery = Admission(1, 0, 10.0), Admission(1, 0, 10.0)
@@ -350,6 +350,14 @@ def test_admission_tracks_the_deviation_of_service_times() -> None:
         for adm, service in ((steady, 10.0), (jittery, 10.0 if i % 2 else 30.0)):
             adm.acquire(None)
             adm.release("m", service, service, True)
-    assert steady.service_deviation_ms("m") < 1.0
-    assert jittery.service_deviation_ms("m") > 5.0
-    assert jittery.service_deviation_ms("unknown") == 0.0
+    assert steady.routing_estimate("m") == (10.0, 0.0)
+    median, deviation = jittery.routing_estimate("m")
+    assert median == pytest.approx(20.0) and deviation == pytest.approx(10.0)
+    assert jittery.routing_estimate("unknown") == (None, 0.0)
+    # One very slow run does not move it (an average would carry it for long).
+    steady.acquire(None)
+    steady.release("m", 900.0, 900.0, True)
+    assert steady.routing_estimate("m") == (10.0, 0.0)
+    # Stale while idle: unknown, so the next request runs and measures again.
+    steady.stale_s = 0.0
+    assert steady.routing_estimate("m") == (None, 0.0)

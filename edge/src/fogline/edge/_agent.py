@@ -306,14 +306,15 @@ class Agent:
             local = LocalState(has_model=False)
         else:
             a = self._admission
+            service_ms, service_dev_ms = a.routing_estimate(model)
             local = LocalState(
                 has_model=True,
                 queue_depth=a.waiting,
                 in_flight=a.in_flight,
                 concurrency=a.max_in_flight,
                 max_queue=a.max_queue,
-                service_ms=a.service_estimate_ms(model),
-                service_dev_ms=a.service_deviation_ms(model),
+                service_ms=service_ms,
+                service_dev_ms=service_dev_ms,
             )
 
         started = _now()

@@ -9,12 +9,20 @@ each finished request appends one tuple to a deque (atomic too). Readers (teleme
 router, status) drain that log under a lock into the counters, the latency window and
 the per-model service-time estimate (EWMA). Only a request that finds no free slot takes
 the lock, to count itself against the queue bound.
+
+The router reads :meth:`Admission.routing_estimate`: the median and median absolute
+deviation of the last service times, robust to one slow run (a pause that an average
+would carry for dozens of requests). It goes stale when no run has finished for
+``stale_s`` while nothing runs: a router that refuses everything because of an old
+estimate would otherwise never run again to learn better.
 """
 
 from __future__ import annotations
 
 import queue
+import statistics
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +32,7 @@ from fogline.protocol import CapacityError
 __all__ = ["Admission", "CapacitySnapshot", "percentile"]
 
 _EWMA_ALPHA = 0.1
-_DEV_BETA = 0.25  # weight of a new sample in the mean deviation (as TCP's RTTVAR)
+_SERVICE_WINDOW = 32  # service times the routing estimate looks at, per model
 _LATENCY_WINDOW = 2048
 _DRAIN_AT = 4096  # drain the log on the hot path only if nobody has read it for long
 
@@ -63,7 +71,9 @@ class Admission:
         self._budgeted = 0
         self._met = 0
         self._service_ms: dict[str, float] = {}
-        self._service_dev_ms: dict[str, float] = {}
+        self._recent_service: dict[str, deque[float]] = {}
+        self._last_service_at: dict[str, float] = {}
+        self.stale_s = 1.0
         self._latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
 
     # -- hot path -------------------------------------------------------------------------
@@ -126,15 +136,14 @@ class Admission:
                     self._met += met
                 if ok:
                     est = self._service_ms.get(model)
-                    if est is None:
-                        self._service_ms[model] = service_ms
-                        self._service_dev_ms[model] = service_ms / 4.0
-                    else:
-                        dev = self._service_dev_ms[model]
-                        self._service_dev_ms[model] = dev + _DEV_BETA * (
-                            abs(service_ms - est) - dev
-                        )
-                        self._service_ms[model] = est + _EWMA_ALPHA * (service_ms - est)
+                    self._service_ms[model] = (
+                        service_ms if est is None else est + _EWMA_ALPHA * (service_ms - est)
+                    )
+                    recent = self._recent_service.get(model)
+                    if recent is None:
+                        recent = self._recent_service[model] = deque(maxlen=_SERVICE_WINDOW)
+                    recent.append(service_ms)
+                    self._last_service_at[model] = time.monotonic()
                     self._latencies.append(latency_ms)
                 else:
                     self._errors += 1
@@ -163,10 +172,18 @@ class Admission:
         self._drain()
         return self._service_ms.get(model)
 
-    def service_deviation_ms(self, model: str) -> float:
-        """Running mean deviation of the local service time of ``model`` (0 unknown)."""
+    def routing_estimate(self, model: str) -> tuple[float | None, float]:
+        """Median and median absolute deviation (ms) of ``model``'s last service times,
+        or ``(None, 0.0)`` when unknown or stale (see the module docstring)."""
         self._drain()
-        return self._service_dev_ms.get(model, 0.0)
+        with self._lock:
+            recent = list(self._recent_service.get(model, ()))
+            last = self._last_service_at.get(model, 0.0)
+        idle = self.in_flight == 0 and self.waiting == 0
+        if not recent or (idle and time.monotonic() - last > self.stale_s):
+            return None, 0.0
+        median = statistics.median(recent)
+        return median, statistics.median(abs(x - median) for x in recent)
 
     def expected_wait_ms(self, model: str) -> float:
         """Rough local queueing delay: requests ahead times the service time per slot."""

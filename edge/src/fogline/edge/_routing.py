@@ -13,13 +13,14 @@ Estimates (milliseconds)::
           = service                                             (a slot is free)
     cloud = rtt_ewma + cloud_service_ewma
 
-Each estimate comes in two forms: *typical* (``service`` is the running average) and
-*confident*, which adds :data:`CONFIDENT_DEVIATIONS` running mean deviations of each
-service time (local) or of the whole cloud round trip (cloud), in the way TCP sets its
-retransmission timeout. ``local-first`` and ``cloud-first`` first look for a path whose
-confident estimate meets the budget, and only then for one whose typical estimate
-does: on a jittery device or link, a path that meets the budget on average still
-misses it often, while the other path may have room to spare.
+Each estimate comes in two forms: *typical* and *confident*, which adds
+:data:`CONFIDENT_DEVIATIONS` typical deviations to each service time (local: the median
+absolute deviation of the last runs) or to the whole cloud round trip (cloud: its running
+mean deviation), in the way TCP sets its retransmission timeout. ``local-first`` and
+``cloud-first`` first look for a path whose confident estimate meets the budget, and
+only then for one whose typical estimate does: on a jittery device or link, a path
+that meets the budget on average still misses it often, while the other path may have
+room to spare.
 
 An unknown estimate (nothing measured yet) counts as meeting the budget: the first
 requests teach the estimator, and probes fill the cloud side while idle.
@@ -174,8 +175,8 @@ class LocalState:
     in_flight: int = 0
     concurrency: int = 1
     max_queue: int = 1 << 30
-    service_ms: float | None = None  # EWMA of local service time
-    service_dev_ms: float = 0.0  # its running mean deviation
+    service_ms: float | None = None  # typical local service time
+    service_dev_ms: float = 0.0  # its typical deviation
 
     @property
     def saturated(self) -> bool:
