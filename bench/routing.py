@@ -7,7 +7,9 @@ Poisson arrivals at 0.5x, 1x, 2x and 4x the measured local capacity; every reque
 admission control in front of ONNX Runtime, its cloud path is the real one:
 ``CloudClient`` -> Mosquitto (a generated config with TCP_NODELAY, never the system
 broker) -> ``InferenceBridge`` -> Ray Serve (local Ray) -> ONNX Runtime, with about
-10 ms of one-way delay injected in each direction between edge and cloud.
+10 ms of one-way delay injected in each direction between edge and cloud. The cloud side
+(Ray, Serve and the bridge) runs in its own process, ``bench/_routing_cloud.py``, as in a
+deployment; the edge agent and the load generator run in this one.
 
 Latency is measured from the scheduled arrival time, so queueing shows. A request the
 local queue refuses counts as a miss. Reported per load and policy: the share of
@@ -32,6 +34,8 @@ import hashlib
 import heapq
 import json
 import logging
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -46,14 +50,6 @@ from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 from rich.table import Table
 
-from fogline.cloud.serving import (
-    InferenceBridge,
-    ServedModel,
-    ServingSettings,
-    deploy_model,
-    ensure_ray,
-    shutdown_serving,
-)
 from fogline.edge import Agent, InstalledModel, ModelStore, SessionCache, load_config
 from fogline.firmware_sim import SlowSessionCache, load_profiles
 from fogline.protocol import (
@@ -246,7 +242,7 @@ def main() -> None:
     parser.add_argument(
         "--on-no-path",
         choices=("run-late", "refuse"),
-        default="run-late",
+        default="refuse",
         help="what the agent does when no path meets the budget (the agent's setting)",
     )
     parser.add_argument("--loads", type=float, nargs="+", default=list(LOADS))
@@ -268,28 +264,19 @@ def main() -> None:
     transports: list[MqttTransport] = []
     rows: list[Row] = []
     agent: Agent | None = None
+    cloud_proc: subprocess.Popen[str] | None = None
+    bridge_stats: dict[str, int] = {}
     tmp = tempfile.TemporaryDirectory(prefix="fogline-bench-routing-")
     try:
-        # ensure_ray starts the local Ray with workers at niceness 0 (not Ray's 15), so
-        # the Serve replica competes on equal terms with the edge agent in this process.
-        ensure_ray(
-            num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
-        )
-        deployed = deploy_model(
-            ServingSettings(
-                model=MODEL, version=1, num_cpus=0.5, max_batch_size=16, batch_wait_timeout_ms=1.0
-            ),
-            model,
-        )
-        bridge_tx = DelayedTransport(settings, args.delay_ms / 1000.0)
+        model_file = Path(tmp.name) / "cloud-model.onnx"
+        model_file.write_bytes(model)
+        cloud_proc = start_cloud(broker.url, topics.prefix, model_file, args.delay_ms)
         edge_tx = DelayedTransport(settings, args.delay_ms / 1000.0)
-        transports += [bridge_tx, edge_tx]
-        for t in transports:
-            t.connect()
-        bridge = InferenceBridge(bridge_tx, {MODEL: ServedModel(1, deployed.handle)}, topics)
-        bridge.start()
+        transports.append(edge_tx)
+        edge_tx.connect()
 
-        data_dir = Path(tmp.name)
+        data_dir = Path(tmp.name) / "edge"
+        data_dir.mkdir()
         install(data_dir, model)
         config = load_config(
             env={},
@@ -342,35 +329,70 @@ def main() -> None:
             f"agent: edge {status.edge_requests}, cloud {status.cloud_requests}, "
             f"met {status.met_budget_ratio:.1%}, breaker {status.breaker_state}"
         )
-        bs = bridge.stats
-        console.print(
-            f"bridge: received {bs.received}, forwarded {bs.forwarded} in {bs.serve_calls} "
-            f"Serve calls, answered {bs.answered}, errors {bs.errors}, expired {bs.expired}, "
-            f"over capacity {bs.over_capacity}"
-        )
         agent.stop()
         agent = None
-        bridge.close()
+        bridge_stats = stop_cloud(cloud_proc)
+        cloud_proc = None
+        bs = bridge_stats
+        console.print(
+            f"bridge: received {bs.get('received')}, forwarded {bs.get('forwarded')} in "
+            f"{bs.get('serve_calls')} Serve calls, answered {bs.get('answered')}, errors "
+            f"{bs.get('errors')}, expired {bs.get('expired')}, over capacity "
+            f"{bs.get('over_capacity')}"
+        )
     finally:
         if agent is not None:
             agent.stop()
         for t in transports:
             t.close()
-        try:
-            shutdown_serving()
-        finally:
-            import ray
-
-            ray.shutdown()
-            broker.close()
-            tmp.cleanup()
+        if cloud_proc is not None:
+            stop_cloud(cloud_proc)
+        broker.close()
+        tmp.cleanup()
     report(rows, service, capacity, args, console)
 
 
-def _timed(fn: Any) -> float:
-    t = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t) * 1000.0
+def start_cloud(
+    broker_url: str, prefix: str, model_file: Path, delay_ms: float
+) -> subprocess.Popen[str]:
+    """Start the cloud process and wait for its bridge to be subscribed."""
+    cfg = {
+        "broker_url": broker_url,
+        "prefix": prefix,
+        "model_file": str(model_file),
+        "model": MODEL,
+        "delay_ms": delay_ms,
+    }
+    worker = Path(__file__).with_name("_routing_cloud.py")
+    proc = subprocess.Popen(
+        [sys.executable, str(worker), json.dumps(cfg)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:  # Ray and Serve start: tens of seconds at most
+        if line.strip() == "ready":
+            return proc
+    stop_cloud(proc)
+    raise RuntimeError(f"the cloud process exited before it was ready ({proc.returncode})")
+
+
+def stop_cloud(proc: subprocess.Popen[str]) -> dict[str, int]:
+    """Ask the cloud process to stop; returns its bridge counters. Kills it if it hangs."""
+    stats: dict[str, int] = {}
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("stop\n")
+        proc.stdin.close()
+        for line in proc.stdout:
+            if line.startswith("stats "):
+                stats = json.loads(line[len("stats ") :])
+        proc.wait(timeout=60)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        proc.kill()
+        proc.wait()
+    return stats
 
 
 def report(rows: list[Row], service: float, capacity: float, args: Any, console: Console) -> None:
