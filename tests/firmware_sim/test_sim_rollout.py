@@ -15,8 +15,9 @@ from _release_kit import ReleaseKit, build_model, publish
 
 from fogline.cloud import ArtifactService, ArtifactStore
 from fogline.firmware_sim import SimulatedFleet
+from fogline.firmware_sim._device import FleetSessionCache
 from fogline.firmware_sim._fleet import ensure_descriptor_limit
-from fogline.protocol import ConfigError, MqttSettings, MqttTransport, Topics
+from fogline.protocol import ConfigError, InvalidModelError, MqttSettings, MqttTransport, Topics
 
 AGENTS = 40
 
@@ -130,3 +131,22 @@ def test_a_fleet_beyond_the_hard_descriptor_limit_is_refused(
     monkeypatch.setattr(resource, "getrlimit", lambda _which: (1024, 1024))
     with pytest.raises(ConfigError, match=r"field 'devices'.*RLIMIT_NOFILE"):
         ensure_descriptor_limit(5000)
+
+
+def test_the_fleet_shares_sessions_whose_threads_do_not_spin(tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(build_model(seed=1))
+    cache = FleetSessionCache()
+    session = cache.get_or_load("a" * 64, 4, model)
+    assert cache.get_or_load("a" * 64, 4, model) is session  # one per artifact and budget
+    single = cache.get_or_load("a" * 64, 1, model)
+    assert single is not session
+    assert len(cache) == 2  # held weakly: while agents use them
+    options = session.get_session_options()
+    assert options.intra_op_num_threads == 4
+    # Idle intra-op workers sleep: a hundred devices share the host's cores.
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(InvalidModelError, match=r"broken\.onnx"):
+        cache.get_or_load("b" * 64, 4, broken)

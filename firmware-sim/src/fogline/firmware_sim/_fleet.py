@@ -11,7 +11,8 @@ Shared across the process (and why that is honest):
   load its own copy of the same bytes; sharing it only saves memory and load time.
   Each agent still verifies, installs and self-tests its own copy of the artifact.
 - The sessions' thread pools (``intra_op_threads`` from the profile), so the host runs
-  one thread pool per class, not one per device. Slower profiles add sleep time per
+  one thread pool per class, not one per device; its threads sleep between runs
+  instead of spinning (:class:`FleetSessionCache`). Slower profiles add sleep time per
   run (see :class:`SlowSessionCache`); no agent runs an HTTP server.
 - One event loop thread for every device's link relay, one traffic scheduler with a
   small worker pool, one fault scheduler.
@@ -41,7 +42,7 @@ from fogline.protocol import (
 )
 
 from ._control import ControlServer
-from ._device import SimDevice, SlowSessionCache
+from ._device import FleetSessionCache, SimDevice, SlowSessionCache
 from ._faults import FaultInjector
 from ._ledger import FaultReport, FleetReport, Ledger
 from ._link import LinkEmulator
@@ -174,7 +175,7 @@ class SimulatedFleet:
         self.scenario = scenario
         self.ledger = Ledger()
         self.devices: dict[str, SimDevice] = {}
-        self.sessions = SessionCache()
+        self.sessions: SessionCache = FleetSessionCache()
         self._link: LinkEmulator | None = None
         self._injector: FaultInjector | None = None
         self._control: ControlServer | None = None
