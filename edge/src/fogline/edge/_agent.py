@@ -324,12 +324,13 @@ class Agent:
             if loaded is None:  # the router never runs locally without a local model
                 raise UnknownModelError(f"model {model!r} has no local variant here")
             ran_local = True
-            # Wait for a slot only as long as the budget lasts (after a failed cloud
-            # call, what is left of it, or the grace bound if nothing is).
+            # Wait for a slot only as long as the budget lasts: after a failed cloud
+            # call, what is left of it; with nothing left (run-late), the configured
+            # longest wait of an unbudgeted request.
             wait_ms = budget_ms
             if budget_ms is not None:
                 left = budget_ms - (_now() - started) * 1000.0
-                wait_ms = left if left > 0 else max(self.config.routing.grace_ms, 1.0)
+                wait_ms = left if left > 0 else None
             result = self._infer_local(loaded, inputs, wait_ms)
             return LocalResult(result.outputs, result.version)
 

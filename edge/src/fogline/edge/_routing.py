@@ -29,7 +29,9 @@ No path meets the budget: with ``on_no_path="run-late"`` the request runs anyway
 when it can) and its result is marked late; with ``"refuse"`` :func:`decide` raises
 :class:`BudgetExceededError` at once. A cloud call never waits longer than the remaining
 budget plus ``grace_ms``; if it fails and the model has a local variant, the request
-runs locally (so the bound is budget + grace + one local service time), unless
+runs locally, waiting for a slot at most what is left of its budget or, with nothing
+left, the agent's ``capacity.default_max_wait_ms`` (so the bound is budget + grace +
+that wait + one local service time), unless
 ``on_no_path="refuse"`` and the local estimate no longer fits the budget left: then it
 is refused at once with :class:`BudgetExceededError`. A request that cannot meet its
 budget anyway must not take a local slot from one that still can.
