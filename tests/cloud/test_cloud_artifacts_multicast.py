@@ -76,10 +76,17 @@ class Device:
     """One downloading device: its own connection, fetcher and store."""
 
     def __init__(
-        self, transport: MqttTransport, topics: Topics, root: Path, *, multicast: bool = True
+        self,
+        transport: MqttTransport,
+        topics: Topics,
+        root: Path,
+        *,
+        multicast: bool = True,
+        window: int = 4,
     ) -> None:
         self.id = "dev-" + uuid.uuid4().hex[:8]
-        settings = DeliveryConfig(chunk_timeout_s=2.0, chunk_retries=3)
+        self.transport = transport
+        settings = DeliveryConfig(chunk_timeout_s=2.0, chunk_retries=3, window=window)
         self.fetcher = ArtifactFetcher(transport, topics, self.id, settings, multicast=multicast)
         self.fetcher.subscribe()
         self.store = ModelStore(root / self.id)
@@ -132,6 +139,45 @@ def test_concurrent_downloads_share_one_publish_per_chunk(
     assert all(d.fetcher.multicast_chunks == 4 for d in devices)
     for d in devices:  # done: no longer subscribed to the chunks topic
         assert d.fetcher._fetching is None
+        assert topics.artifact_chunks(sha) not in d.transport._subscriptions
+
+
+def test_a_chunk_another_device_asked_for_is_taken_and_not_requested(
+    connect: Callable[[], MqttTransport], topics: Topics, tmp_path: Path
+) -> None:
+    # A stand-in service answers the device's first request with the OTHER chunk
+    # first (as another device's batch would arrive), then the one it asked for.
+    data = os.urandom(2 * CHUNK)
+    sha = hashlib.sha256(data).hexdigest()
+    server = connect()
+    asked: list[ChunkRequest] = []
+
+    def chunk(offset: int) -> bytes:
+        piece = data[offset : offset + CHUNK]
+        return encode(
+            ArtifactChunk(
+                correlation_id="multicast",
+                sha256=sha,
+                offset=offset,
+                total_size=len(data),
+                chunk_sha256=hashlib.sha256(piece).hexdigest(),
+                data=piece,
+            )
+        )
+
+    def serve(msg: MqttMessage) -> None:
+        request = decode(msg.payload, ChunkRequest)
+        asked.append(request)
+        if len(asked) == 1:  # one topic, one publisher: the broker keeps this order
+            server.publish(topics.artifact_chunks(sha), chunk(CHUNK), qos=1)
+            server.publish(topics.artifact_chunks(sha), chunk(request.offset), qos=1)
+
+    server.subscribe(topics.all_artifact_gets(), serve, qos=1, wait=True)
+    device = Device(connect(), topics, tmp_path, window=1)  # asks for one chunk at a time
+    assert device.download(sha, len(data)) == data
+    assert [(r.offset, r.multicast) for r in asked] == [(0, True)]
+    assert device.fetcher.requests_sent == 1
+    assert device.fetcher.multicast_chunks == 2
 
 
 def test_a_late_device_still_completes(

@@ -10,9 +10,13 @@ While it downloads, the fetcher also subscribes to ``artifacts/{sha}/chunks`` an
 its first request for each chunk ``multicast``: the artifact service then answers every
 device that asked for that chunk at about the same time with one publish there, which
 the broker fans out. Such a chunk is matched by offset (its correlation id is another
-device's) and checked exactly like a unicast one. A retry (timeout, bad chunk) asks for
-a unicast reply on the inbox, so an old service, a broker whose ACL refuses the
-subscription, or a lost multicast costs one timeout and nothing else.
+device's) and checked exactly like a unicast one. A multicast chunk the fetcher has not
+requested yet (another device's batch that came first) is taken just the same and is
+then not requested at all, and the fetcher leaves the chunks topic as soon as it has
+every chunk: in a rollout each batch reaches every device still subscribed, so a device
+that lingers receives other devices' late batches for nothing. A retry (timeout, bad
+chunk) asks for a unicast reply on the inbox, so an old service, a broker whose ACL
+refuses the subscription, or a lost multicast costs one timeout and nothing else.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fogline.protocol import (
     ArtifactChunk,
@@ -65,6 +69,21 @@ class _Pending:
 _Reply = tuple[ArtifactChunk | ErrorReply, bool]  # (reply, arrived by multicast)
 
 
+@dataclass
+class _Fetch:
+    """One download's bookkeeping: chunks not requested yet (lowest index last), to
+    request again (index, attempts so far), and requests in flight by correlation id."""
+
+    part: PartialArtifact
+    todo: list[int]
+    retries: list[tuple[int, int]] = field(default_factory=list)
+    pending: dict[str, _Pending] = field(default_factory=dict)
+
+    @property
+    def wanted(self) -> bool:
+        return bool(self.todo or self.retries or self.pending)
+
+
 class ArtifactFetcher:
     """Fetches artifacts for one agent; replies arrive on its ``inbox/artifacts`` topic,
     or, with ``multicast``, on the artifact's shared ``chunks`` topic."""
@@ -88,6 +107,7 @@ class ArtifactFetcher:
         self._lock = threading.Lock()
         self._active: set[str] = set()  # correlation ids we wait for
         self._fetching: str | None = None  # sha256 whose multicast chunks we take
+        self._chunks_topic: str | None = None  # ... and their topic, while subscribed
         self._multicast = False  # subscribed to the current artifact's chunks topic
         self.requests_sent = 0
         self.bad_chunks = 0
@@ -113,6 +133,11 @@ class ArtifactFetcher:
         self._replies.put((reply, False))
 
     def _on_multicast(self, msg: MqttMessage) -> None:
+        # Every device still fetching receives every batch of the artifact; most of a
+        # late batch is not for us. The topic says which artifact it is: no decode then.
+        with self._lock:
+            if msg.topic != self._chunks_topic:
+                return  # another artifact's chunks, or we are done
         try:
             reply = decode(msg.payload, ArtifactChunk)
         except DecodeError as exc:
@@ -120,16 +145,17 @@ class ArtifactFetcher:
             return
         with self._lock:
             if reply.sha256 != self._fetching:
-                return  # another artifact's chunk, or we are done
+                return
         self._replies.put((reply, True))
 
     def _subscribe_chunks(self, sha256: str) -> bool:
         if not self._multicast_wanted:
             return False
+        topic = self._topics.artifact_chunks(sha256)
+        with self._lock:
+            self._chunks_topic = topic
         try:
-            self._transport.subscribe(
-                self._topics.artifact_chunks(sha256), self._on_multicast, qos=0, wait=True
-            )
+            self._transport.subscribe(topic, self._on_multicast, qos=0, wait=True)
         except FoglineError as exc:  # e.g. an ACL without artifacts/+/chunks: unicast only
             log.info("no multicast chunks for %s (%s); unicast only", sha256[:12], exc)
             with contextlib.suppress(FoglineError):
@@ -170,99 +196,146 @@ class ArtifactFetcher:
         """Fill every missing chunk of ``part``. Raises :class:`ArtifactError` (with
         ``hash_mismatch`` or ``download_failed`` in the text) or :class:`DownloadStoppedError`."""
         todo = part.missing
-        todo.reverse()  # pop() from the end takes the lowest index first
-        pending: dict[str, _Pending] = {}
-        retries: list[tuple[int, int]] = []  # (index, attempts so far)
         if not todo:
             return
+        todo.reverse()  # pop() from the end takes the lowest index first
+        state = _Fetch(part, todo)
         with self._lock:
             self._fetching = part.sha256
         # Subscribed (acknowledged) before the first request, so no multicast answering
         # it can pass us by.
         self._multicast = self._transport.connected and self._subscribe_chunks(part.sha256)
         try:
-            while todo or retries or pending:
+            while state.wanted:
                 if stop.is_set():
                     raise DownloadStoppedError()
                 if not self._transport.connected:
                     # Replies are lost while we are away: re-request everything pending.
-                    for corr in list(pending):
-                        p = self._forget(pending, corr)
+                    for corr in list(state.pending):
+                        p = self._forget(state.pending, corr)
                         if p is not None:
-                            retries.append((p.index, p.attempts))
+                            state.retries.append((p.index, p.attempts))
                     self._transport.wait_connected(0.5)
                     continue
+                # Chunks that came in meanwhile (another device's batch, in a rollout
+                # often before our own request went out) need no request.
+                self._receive(state, block=False)
+                if not state.wanted:
+                    break
+                index, attempts = -1, 0
                 try:
-                    while len(pending) < self._settings.window and (retries or todo):
-                        index, attempts = retries.pop() if retries else (todo.pop(), 0)
-                        self._request(part, pending, index, attempts)
+                    while len(state.pending) < self._settings.window and (
+                        state.retries or state.todo
+                    ):
+                        if state.retries:
+                            index, attempts = state.retries.pop()
+                        else:
+                            index, attempts = state.todo.pop(), 0
+                        self._request(part, state.pending, index, attempts)
                 except FoglineError as exc:  # lost the connection mid-send
                     log.info("chunk request not sent (%s); retrying", exc)
-                    retries.append((index, attempts))
+                    state.retries.append((index, attempts))
                     continue
-                self._receive(part, pending, retries)
+                self._receive(state, block=True)
         finally:
-            for corr in list(pending):
-                self._forget(pending, corr)
-            with self._lock:
-                self._fetching = None
-            if self._multicast:
-                self._multicast = False
-                with contextlib.suppress(FoglineError):
-                    self._transport.unsubscribe(self._topics.artifact_chunks(part.sha256))
+            for corr in list(state.pending):
+                self._forget(state.pending, corr)
+            self._leave_chunks(part.sha256)
 
-    def _receive(
-        self, part: PartialArtifact, pending: dict[str, _Pending], retries: list[tuple[int, int]]
-    ) -> None:
-        now = time.monotonic()
-        next_deadline = min((p.deadline for p in pending.values()), default=now + 0.5)
-        try:
-            reply, multicast = self._replies.get(timeout=max(0.01, min(next_deadline - now, 0.5)))
-        except queue.Empty:
-            reply, multicast = None, False
-        if reply is not None:
-            if multicast:
-                assert isinstance(reply, ArtifactChunk)
-                p = self._claim(part, pending, reply)
-            else:
-                p = self._forget(pending, reply.correlation_id)
-            if p is not None:
-                problem = self._check(part, p.index, reply)
-                if problem is None:
-                    assert isinstance(reply, ArtifactChunk)
-                    # One sync per group of chunks (all of a small artifact in a
-                    # burst): flushed when the window is drained, every few MiB, a
-                    # moment after the group's first write (a slow link records its
-                    # progress as it goes), and on close.
-                    if not part.unsynced_bytes:
-                        self._unsynced_since = time.monotonic()
-                    part.write(p.index, reply.data, sync=False)
-                    if (
-                        not pending
-                        or part.unsynced_bytes >= _SYNC_BYTES
-                        or time.monotonic() - self._unsynced_since >= _SYNC_AFTER_S
-                    ):
-                        part.flush()
+    def _leave_chunks(self, sha256: str) -> None:
+        """Stop taking (and receiving) the artifact's multicast chunks."""
+        with self._lock:
+            self._fetching = None
+            self._chunks_topic = None
+        if self._multicast:
+            self._multicast = False
+            with contextlib.suppress(FoglineError):
+                self._transport.unsubscribe(self._topics.artifact_chunks(sha256))
+
+    def _receive(self, state: _Fetch, *, block: bool) -> None:
+        """Apply the replies that are here (with ``block``, wait for one first, until the
+        next request's deadline), then re-request what timed out."""
+        first = True
+        while True:
+            try:
+                if first and block:
+                    now = time.monotonic()
+                    next_deadline = min(
+                        (p.deadline for p in state.pending.values()), default=now + 0.5
+                    )
+                    wait = max(0.01, min(next_deadline - now, 0.5))
+                    reply, multicast = self._replies.get(timeout=wait)
                 else:
-                    self._retry(p, problem, retries)
+                    reply, multicast = self._replies.get_nowait()
+            except queue.Empty:
+                break
+            first = False
+            self._apply(state, reply, multicast)
+            if not state.wanted:
+                break
         now = time.monotonic()
-        for corr in [c for c, p in pending.items() if p.deadline <= now]:
-            p = self._forget(pending, corr)
+        for corr in [c for c, p in state.pending.items() if p.deadline <= now]:
+            p = self._forget(state.pending, corr)
             if p is not None:
-                self._retry(p, "no reply in time", retries)
+                self._retry(p, "no reply in time", state.retries)
 
-    def _claim(
-        self, part: PartialArtifact, pending: dict[str, _Pending], chunk: ArtifactChunk
-    ) -> _Pending | None:
-        """The pending request a multicast chunk answers (by offset), if any."""
+    def _apply(self, state: _Fetch, reply: ArtifactChunk | ErrorReply, multicast: bool) -> None:
+        part = state.part
+        asked = True
+        if multicast:
+            assert isinstance(reply, ArtifactChunk)
+            p, asked = self._claim(state, reply)
+        else:
+            p = self._forget(state.pending, reply.correlation_id)
+        if p is None:
+            return
+        problem = self._check(part, p.index, reply)
+        if problem is not None:
+            if asked:  # ask again, for a unicast reply
+                self._retry(p, problem, state.retries)
+            elif p.attempts:  # not asked for (yet): fetch it as planned
+                state.retries.append((p.index, p.attempts))
+            else:
+                state.todo.append(p.index)
+            return
+        assert isinstance(reply, ArtifactChunk)
+        if multicast:
+            self.multicast_chunks += 1
+        if not state.wanted:
+            # The last chunk: leave the chunks topic before writing, so that later
+            # batches (other devices' late requests) no longer come our way.
+            self._leave_chunks(part.sha256)
+        # One sync per group of chunks (all of a small artifact in a burst): flushed
+        # when nothing is pending any more, every few MiB, a moment after the group's
+        # first write (a slow link records its progress as it goes), and on close.
+        if not part.unsynced_bytes:
+            self._unsynced_since = time.monotonic()
+        part.write(p.index, reply.data, sync=False)
+        if (
+            not state.pending
+            or part.unsynced_bytes >= _SYNC_BYTES
+            or time.monotonic() - self._unsynced_since >= _SYNC_AFTER_S
+        ):
+            part.flush()
+
+    def _claim(self, state: _Fetch, chunk: ArtifactChunk) -> tuple[_Pending | None, bool]:
+        """What a multicast chunk fills (by offset), and whether we asked for it: a
+        pending request, or a chunk not requested (again) yet, which then needs none."""
+        part = state.part
         if chunk.sha256 != part.sha256 or chunk.offset % part.chunk_size:
-            return None
+            return None, False
         index = chunk.offset // part.chunk_size
-        corr = next((c for c, p in pending.items() if p.index == index), None)
-        if corr is None:
-            return None  # not asked for (any more): already written, or not yet requested
-        self.multicast_chunks += 1
-        return self._forget(pending, corr)
+        corr = next((c for c, p in state.pending.items() if p.index == index), None)
+        if corr is not None:
+            return self._forget(state.pending, corr), True
+        if index in state.todo:
+            state.todo.remove(index)
+            return _Pending(index, 0.0, 0), False
+        retry = next((r for r in state.retries if r[0] == index), None)
+        if retry is not None:
+            state.retries.remove(retry)
+            return _Pending(index, 0.0, retry[1]), False
+        return None, False  # already written, or not part of this artifact
 
     def _check(
         self, part: PartialArtifact, index: int, reply: ArtifactChunk | ErrorReply
