@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from fogline.cloud import ArtifactService, ArtifactStore
+from fogline.cloud._artifacts import _Batcher
 from fogline.edge import DeliveryConfig, ModelStore
 from fogline.edge._download import ArtifactFetcher
 from fogline.protocol import (
@@ -275,3 +276,51 @@ def test_coalescing_windows_are_validated(tmp_path: Path, mqtt_settings: MqttSet
         ArtifactService(transport, store, coalesce_s=2.0, coalesce_max_s=1.0)
     with pytest.raises(ValueError, match="coalesce"):
         ArtifactService(transport, store, coalesce_s=-1.0)
+
+
+def _request(offset: int) -> ChunkRequest:
+    return ChunkRequest(
+        correlation_id=uuid.uuid4().hex,
+        reply_to="fogline/devices/d/inbox/artifacts",
+        sha256="a" * 64,
+        offset=offset,
+        length=CHUNK,
+        device_id="d",
+        multicast=True,
+    )
+
+
+def test_a_quiet_batch_waits_while_requests_wait_unread() -> None:
+    flushed: list[ChunkRequest] = []
+    done = threading.Event()
+    unread = threading.Event()
+    unread.set()  # the service's network thread is behind
+
+    def flush(request: ChunkRequest) -> None:
+        flushed.append(request)
+        done.set()
+
+    batcher = _Batcher(0.01, 60.0, flush, busy=unread.is_set)
+    batcher.start()
+    try:
+        first = _request(0)
+        assert batcher.add(first)
+        # Quiet for far longer than its window, but only because input waits unread.
+        assert not done.wait(0.3)
+        assert not batcher.add(_request(0))  # the late-read request joins the same batch
+        unread.clear()
+        assert done.wait(10)
+    finally:
+        batcher.close()
+    assert flushed == [first]  # one publish for both
+
+
+def test_the_limit_still_bounds_a_held_batch() -> None:
+    done = threading.Event()
+    batcher = _Batcher(0.01, 0.2, lambda _r: done.set(), busy=lambda: True)
+    batcher.start()
+    try:
+        batcher.add(_request(CHUNK))
+        assert done.wait(10)  # published although input never stops
+    finally:
+        batcher.close()

@@ -147,3 +147,31 @@ def test_large_and_small_messages_interleaved_arrive_whole_and_in_order(
         sock = sub._client.socket()
         assert isinstance(sock, BufferedSocket)
     assert got == payloads
+
+
+def test_input_backlog_counts_what_the_network_thread_has_not_read(
+    mqtt_settings: MqttSettings,
+) -> None:
+    topic = f"test/{uuid.uuid4().hex[:10]}/backlog"
+    entered, release = threading.Event(), threading.Event()
+
+    def stall(_msg: MqttMessage) -> None:  # holds the network thread on the first message
+        entered.set()
+        release.wait(WAIT)
+
+    with MqttTransport(mqtt_settings) as sub, MqttTransport(mqtt_settings) as pub:
+        assert sub.input_backlog() == 0
+        sub.subscribe(topic, stall, qos=0, wait=True)
+        pub.publish(topic, b"first", qos=1, wait=True)
+        assert entered.wait(WAIT)
+        pub.publish(topic, os.urandom(50_000), qos=1, wait=True)  # arrives, unread
+        backlog = 0
+        deadline = threading.Event()
+        for _ in range(int(WAIT / 0.01)):
+            backlog = sub.input_backlog()
+            if backlog > 0:
+                break
+            deadline.wait(0.01)
+        release.set()
+        assert backlog > 0
+    assert MqttTransport(mqtt_settings).input_backlog() == 0  # never connected

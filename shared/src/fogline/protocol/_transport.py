@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import struct
 import threading
 import uuid
 from collections.abc import Callable
@@ -388,6 +389,24 @@ class MqttTransport:
                 refusal = self._pub_refusals.pop(info.mid, None)
             if refusal is not None:
                 raise PublishError(f"publish {topic}: the broker refused it: {refusal.getName()}")
+
+    def input_backlog(self) -> int:
+        """Bytes the broker has sent that the network thread has not read yet (in the
+        socket and in its read buffer); 0 when not connected or not known. Lets a
+        batching service tell "no request came" from "requests wait unread"."""
+        sock = self._client.socket()
+        if sock is None:
+            return 0
+        try:
+            import fcntl
+            import termios
+
+            raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            waiting = int(struct.unpack("i", raw)[0])
+        except (ImportError, OSError, ValueError):  # not POSIX, or the socket just closed
+            return 0
+        buffered = sock.pending() if isinstance(sock, BufferedSocket) else 0
+        return waiting + buffered
 
     def _kick(self) -> None:
         """paho queued a packet: have the network loop write it."""
