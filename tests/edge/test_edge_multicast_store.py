@@ -1,12 +1,17 @@
 """Grouped chunk syncs: a chunk is recorded only after a flush synced it, so a crash
-before the flush only means fetching it again."""
+before the flush only means fetching it again. The whole-file hash is fed as chunks are
+written and reads back only what an earlier run wrote."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
+import pytest
+
 from fogline.edge import ModelStore
+from fogline.protocol import ArtifactError
 
 CHUNK = 1024
 
@@ -46,3 +51,34 @@ def test_placing_a_synced_download_moves_it(tmp_path: Path) -> None:
     part.close()
     placed = store.place("m", 1, "c" * 64, part.path, move=True, synced=True)
     assert placed.read_bytes() == data and not part.path.exists()
+
+
+def test_the_whole_file_hash_covers_written_and_earlier_chunks(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    data = os.urandom(4 * CHUNK + 7)
+    sha = hashlib.sha256(data).hexdigest()
+    chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+    # An earlier run left chunks 1 and 3 on disk.
+    earlier = store.partial(sha, len(data), CHUNK)
+    earlier.write(1, chunks[1])
+    earlier.write(3, chunks[3])
+    earlier.close()
+    part = store.partial(sha, len(data), CHUNK)
+    for index in (4, 2, 0):  # out of order: written ahead of the hash, held for it
+        part.write(index, chunks[index], sync=False)
+    part.close()
+    assert part.file_sha256() == sha
+    # A chunk from the earlier run that went bad on disk is caught: it is read back.
+    bad = bytearray(part.path.read_bytes())
+    bad[CHUNK] ^= 0xFF
+    part.path.write_bytes(bytes(bad))
+    again = store.partial(sha, len(data), CHUNK)
+    assert again.missing == []
+    assert again.file_sha256() != sha
+
+
+def test_an_incomplete_download_has_no_whole_file_hash(tmp_path: Path) -> None:
+    part = ModelStore(tmp_path).partial("d" * 64, 2 * CHUNK, CHUNK)
+    part.write(0, b"x" * CHUNK)
+    with pytest.raises(ArtifactError, match="incomplete"):
+        part.file_sha256()

@@ -17,7 +17,6 @@ reporting all of them at every restart would drown the real rejections.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import queue
@@ -63,15 +62,6 @@ Loader = Callable[
 ]
 _RETRYABLE = frozenset({"download_failed"})
 _MAX_RETRY_S = 600.0
-_HASH_BLOCK = 1 << 20
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ReleaseManager:
@@ -445,7 +435,7 @@ class ReleaseManager:
             ) from None
         finally:
             part.close()
-        digest = _file_sha256(part.path)
+        digest = part.file_sha256()
         if digest != sha256:
             part.discard()
             raise ReleaseRejectedError(

@@ -27,6 +27,7 @@ descriptor numbers of 1024 and above).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -40,6 +41,8 @@ from fogline.protocol import ArtifactError, TensorSpec
 __all__ = ["InstalledModel", "ModelStore", "PartialArtifact", "atomic_write"]
 
 log = logging.getLogger("fogline.edge.store")
+
+_HOLD_BYTES = 16 * 1024 * 1024  # chunks written ahead of the hash, kept for it
 
 
 def _fsync_dir(path: Path) -> None:
@@ -107,6 +110,12 @@ class PartialArtifact:
         self.done: set[int] = set()
         self._unsynced: list[int] = []  # written, not yet synced nor recorded
         self._closed = False
+        # The whole-file hash, fed with chunks as they are written, in order; chunks
+        # written ahead wait in memory (bounded), the rest is read back at the end.
+        self._hash = hashlib.sha256()
+        self._hashed = 0  # chunks [0, _hashed) are in the hash
+        self._held: dict[int, bytes] = {}
+        self._held_bytes = 0
         self._open()
 
     def _open(self) -> None:
@@ -153,8 +162,42 @@ class PartialArtifact:
             os.close(fd)
         self.done.add(index)
         self._unsynced.append(index)
+        self._feed(index, data)
         if sync:
             self.flush()
+
+    def _feed(self, index: int, data: bytes) -> None:
+        if index == self._hashed:
+            self._hash.update(data)
+            self._hashed += 1
+            while (held := self._held.pop(self._hashed, None)) is not None:
+                self._held_bytes -= len(held)
+                self._hash.update(held)
+                self._hashed += 1
+        elif index > self._hashed and self._held_bytes + len(data) <= _HOLD_BYTES:
+            self._held[index] = data
+            self._held_bytes += len(data)
+
+    def file_sha256(self) -> str:
+        """The sha256 of the whole file, every chunk present. Chunks written through this
+        object are hashed from the bytes written (the ``.part`` file holds exactly those:
+        reading them back from the page cache proves nothing more, and costs a second
+        pass of reads); chunks from an earlier run, or written too far ahead of the
+        hash, are read from the file."""
+        if self.missing:
+            raise ArtifactError(f"partial artifact {self.sha256[:12]} is incomplete")
+        with open(self.path, "rb") as fh:
+            while self._hashed < self.count:
+                data = self._held.pop(self._hashed, None)
+                if data is None:
+                    offset, length = self.span(self._hashed)
+                    fh.seek(offset)
+                    data = fh.read(length)
+                self._hash.update(data)
+                self._hashed += 1
+        self._held.clear()
+        self._held_bytes = 0
+        return self._hash.hexdigest()
 
     def flush(self) -> None:
         """Sync every chunk written since the last flush, then record them."""
@@ -182,6 +225,8 @@ class PartialArtifact:
         """Forget every chunk (e.g. after a whole-file hash mismatch)."""
         self._closed = True
         self._unsynced.clear()
+        self._held.clear()
+        self._held_bytes = 0
         for p in (self.path, self.record, self._meta):
             p.unlink(missing_ok=True)
         self.done.clear()
