@@ -322,10 +322,19 @@ def test_a_jittery_local_path_offloads_when_the_cloud_surely_meets_the_budget() 
     steady_cloud = CloudState(available=True, rtt_ms=20.0, service_ms=5.0, deviation_ms=2.0)
     d = decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=jittery, cloud=steady_cloud)
     assert (d.target, d.reason) == ("cloud", "local_misses_budget")
-    # Neither surely meets it: the typical estimates decide, local first.
+    # Neither surely meets it: of the paths that meet it typically, the likelier one
+    # (the lower confident estimate): local 60 ms against cloud 65 ms ...
     shaky_cloud = CloudState(available=True, rtt_ms=20.0, service_ms=5.0, deviation_ms=20.0)
     d = decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=jittery, cloud=shaky_cloud)
     assert (d.target, d.reason) == ("edge", "local_meets_budget")
+    # ... and local 60 ms against cloud 55 ms (typical 25: far more room than local's 40).
+    wobbly_cloud = CloudState(available=True, rtt_ms=20.0, service_ms=5.0, deviation_ms=15.0)
+    d = decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=jittery, cloud=wobbly_cloud)
+    assert (d.target, d.reason) == ("cloud", "local_misses_budget")
+    # Only one path meets it even typically: that one.
+    slow = LocalState(in_flight=1, concurrency=1, service_ms=30.0, service_dev_ms=5.0)
+    d = decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=slow, cloud=shaky_cloud)
+    assert d.target == "cloud"
     # A steady local path that surely meets it stays local.
     steady = LocalState(in_flight=1, concurrency=1, service_ms=20.0, service_dev_ms=1.0)
     d = decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=50, local=steady, cloud=steady_cloud)

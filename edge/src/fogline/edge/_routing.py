@@ -17,10 +17,11 @@ Each estimate comes in two forms: *typical* and *confident*, which adds
 :data:`CONFIDENT_DEVIATIONS` typical deviations to each service time (local: the median
 absolute deviation of the last runs) or to the whole cloud round trip (cloud: its running
 mean deviation), in the way TCP sets its retransmission timeout. ``local-first`` and
-``cloud-first`` first look for a path whose confident estimate meets the budget, and
-only then for one whose typical estimate does: on a jittery device or link, a path
-that meets the budget on average still misses it often, while the other path may have
-room to spare.
+``cloud-first`` first look for a path whose confident estimate meets the budget (in
+their order of preference); when neither surely does, they take, of the paths whose
+typical estimate meets it, the one with the lower confident estimate: on a jittery
+device or link, a path that meets the budget on average still misses it often, while
+the other path may have room to spare.
 
 An unknown estimate (nothing measured yet) counts as meeting the budget: the first
 requests teach the estimator, and probes fill the cloud side while idle.
@@ -304,32 +305,43 @@ def decide(
     if policy == RoutingPolicy.CASCADE:
         return made("edge", "cascade", cascade=True)
 
-    # Confident estimates first, typical ones second (see the module docstring).
-    passes = (
-        (
-            estimate_local_ms(local, CONFIDENT_DEVIATIONS),
-            estimate_cloud_ms(cloud, CONFIDENT_DEVIATIONS),
-        ),
-        (local_est, cloud_est),
-    )
+    # Confident estimates first; then the likelier of the paths whose typical estimate
+    # meets the budget (see the module docstring).
+    local_sure = estimate_local_ms(local, CONFIDENT_DEVIATIONS)
+    cloud_sure = estimate_cloud_ms(cloud, CONFIDENT_DEVIATIONS)
+
+    def likelier(preferred: Target) -> Target | None:
+        local_may, cloud_may = (
+            _meets(local_est, budget_ms),
+            cloud_ok and _meets(cloud_est, budget_ms),
+        )
+        if local_may and cloud_may and local_sure is not None and cloud_sure is not None:
+            return "edge" if local_sure <= cloud_sure else "cloud"
+        if local_may and cloud_may:
+            return preferred
+        return "edge" if local_may else "cloud" if cloud_may else None
 
     if policy == RoutingPolicy.CLOUD_FIRST:
-        for local_at, cloud_at in passes:
-            if cloud_ok and _meets(cloud_at, budget_ms):
-                return made("cloud", "cloud_first")
-            if _meets(local_at, budget_ms):
-                return made("edge", "cloud_unfit")
+        if cloud_ok and _meets(cloud_sure, budget_ms):
+            return made("cloud", "cloud_first")
+        if _meets(local_sure, budget_ms):
+            return made("edge", "cloud_unfit")
+        target = likelier("cloud")
+        if target is not None:
+            return made(target, "cloud_first" if target == "cloud" else "cloud_unfit")
         return no_path_left("cloud-first")
 
     # local-first
     stress = hints.stressed(settings)
     if stress is not None and cloud_ok and _meets(cloud_est, budget_ms):
         return made("cloud", f"device_{stress}")
-    for local_at, cloud_at in passes:
-        if _meets(local_at, budget_ms):
-            return made("edge", "local_meets_budget")
-        if cloud_ok and _meets(cloud_at, budget_ms):
-            return made("cloud", "local_misses_budget")
+    if _meets(local_sure, budget_ms):
+        return made("edge", "local_meets_budget")
+    if cloud_ok and _meets(cloud_sure, budget_ms):
+        return made("cloud", "local_misses_budget")
+    target = likelier("edge")
+    if target is not None:
+        return made(target, "local_meets_budget" if target == "edge" else "local_misses_budget")
     return no_path_left("local-first")
 
 
