@@ -370,3 +370,22 @@ def test_admission_routing_estimate_is_robust_and_goes_stale() -> None:
     # Stale while idle: unknown, so the next request runs and measures again.
     steady.stale_s = 0.0
     assert steady.routing_estimate("m") == (None, 0.0)
+
+
+def test_router_calibrates_the_local_queue_model_with_observed_latency() -> None:
+    now = [0.0]
+    cloud = FakeCloud()
+    router = Router(RoutingSettings(), cloud, clock=lambda: now[0])
+
+    def slow_local() -> LocalResult:  # the model says 5 ms (IDLE); answers take 30 ms
+        now[0] += 0.030
+        return local_answer([1, 0])
+
+    first = router.route("m", {}, slow_local, local=IDLE, budget_ms=40)
+    assert first.target == "edge"  # the model alone: 5 ms, well within 40 ms
+    for _ in range(30):
+        router.route("m", {}, slow_local, local=IDLE, budget_ms=200)
+    # Calibrated: ~30 ms, so a 25 ms budget goes to the cloud (22 ms), 40 ms stays local.
+    assert router.route("m", {}, slow_local, local=IDLE, budget_ms=40).target == "edge"
+    assert router.route("m", {}, slow_local, local=IDLE, budget_ms=25).target == "cloud"
+    assert not cloud.calls[:-1]  # only that last request was offloaded

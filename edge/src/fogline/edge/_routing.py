@@ -23,6 +23,11 @@ typical estimate meets it, the one with the lower confident estimate: on a jitte
 device or link, a path that meets the budget on average still misses it often, while
 the other path may have room to spare.
 
+The local estimate is a queue model; the router calibrates it with what local answers
+actually took (the running mean and mean deviation of latency minus the model's
+estimate: time spent outside the service itself, such as waking a waiting request, or
+service times with a long tail), and adds both to it.
+
 An unknown estimate (nothing measured yet) counts as meeting the budget: the first
 requests teach the estimator, and probes fill the cloud side while idle.
 
@@ -44,7 +49,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Literal, Protocol
 
@@ -86,6 +91,9 @@ log = logging.getLogger("fogline.edge.routing")
 
 CONFIDENT_DEVIATIONS = 2.0
 """How many mean deviations a confident estimate adds to each service time."""
+
+_ERROR_ALPHA = 0.1  # weight of a new sample in the local error's mean ...
+_ERROR_BETA = 0.25  # ... and in its mean deviation (as TCP's SRTT and RTTVAR)
 
 Target = Literal["edge", "cloud"]
 OnNoPath = Literal["run-late", "refuse"]
@@ -180,6 +188,8 @@ class LocalState:
     max_queue: int = 1 << 30
     service_ms: float | None = None  # typical local service time
     service_dev_ms: float = 0.0  # its typical deviation
+    error_ms: float = 0.0  # how late local answers come against the queue model, on average
+    error_dev_ms: float = 0.0  # that error's mean deviation
 
     @property
     def saturated(self) -> bool:
@@ -212,10 +222,11 @@ def estimate_local_ms(local: LocalState, deviations: float = 0.0) -> float | Non
     if local.service_ms is None:
         return None
     service = local.service_ms + deviations * local.service_dev_ms
-    if local.in_flight < local.concurrency and local.queue_depth == 0:
-        return service
-    wait = (local.queue_depth + 1) * service / max(1, local.concurrency)
-    return wait + service
+    model = service
+    if local.in_flight >= local.concurrency or local.queue_depth > 0:
+        model += (local.queue_depth + 1) * service / max(1, local.concurrency)
+    calibrated = model + local.error_ms + deviations * local.error_dev_ms
+    return max(calibrated, local.service_ms)
 
 
 def estimate_cloud_ms(cloud: CloudState, deviations: float = 0.0) -> float | None:
@@ -484,6 +495,9 @@ class Router:
         self.cloud = cloud
         self.stats = RoutingStats()
         self._clock = clock
+        # Per model: mean and mean deviation of (local latency - queue model estimate).
+        self._local_error: dict[str, tuple[float, float]] = {}
+        self._error_lock = threading.Lock()
 
     def route(
         self,
@@ -503,6 +517,11 @@ class Router:
         budget = budget_ms if budget_ms is not None else self.settings.default_budget_ms
         chosen = RoutingPolicy(policy) if policy is not None else self.settings.policy
         cloud_state = self.cloud.state(model) if self.cloud is not None else CloudState()
+        modelled = estimate_local_ms(local)
+        with self._error_lock:
+            error = self._local_error.get(model)
+        if error is not None:
+            local = replace(local, error_ms=error[0], error_dev_ms=error[1])
         decision = decide(
             policy=chosen,
             budget_ms=budget,
@@ -529,7 +548,21 @@ class Router:
         result = run_local()
         if decision.cascade and self.cloud is not None:
             return self._cascade(model, inputs, result, run)
-        return self._finish(run, result.outputs, "edge", result.version)
+        finished = self._finish(run, result.outputs, "edge", result.version)
+        if modelled is not None:
+            self._learn_local_error(model, finished.latency_ms - modelled)
+        return finished
+
+    def _learn_local_error(self, model: str, error_ms: float) -> None:
+        """Calibrate the local queue model with how late (or early) answers came."""
+        with self._error_lock:
+            old = self._local_error.get(model)
+            if old is None:
+                self._local_error[model] = (error_ms, abs(error_ms) / 2.0)
+                return
+            mean, dev = old
+            dev += _ERROR_BETA * (abs(error_ms - mean) - dev)
+            self._local_error[model] = (mean + _ERROR_ALPHA * (error_ms - mean), dev)
 
     def _cascade(
         self, model: str, inputs: Mapping[str, np.ndarray], local_result: LocalResult, run: _Run
