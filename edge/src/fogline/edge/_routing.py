@@ -26,7 +26,8 @@ the other path may have room to spare.
 The local estimate is a queue model; the router calibrates it with what local answers
 actually took (the running mean and mean deviation of latency minus the model's
 estimate: time spent outside the service itself, such as waking a waiting request, or
-service times with a long tail), and adds both to it.
+service times with a long tail), and adds both to it; a negative mean counts as zero, so
+answers that came early never make the router ignore a queue it can see.
 
 An unknown estimate (nothing measured yet) counts as meeting the budget: the first
 requests teach the estimator, and probes fill the cloud side while idle.
@@ -225,8 +226,8 @@ def estimate_local_ms(local: LocalState, deviations: float = 0.0) -> float | Non
     model = service
     if local.in_flight >= local.concurrency or local.queue_depth > 0:
         model += (local.queue_depth + 1) * service / max(1, local.concurrency)
-    calibrated = model + local.error_ms + deviations * local.error_dev_ms
-    return max(calibrated, local.service_ms)
+    # Only ever later: an early answer must not talk the router out of a queue it sees.
+    return model + max(0.0, local.error_ms) + deviations * local.error_dev_ms
 
 
 def estimate_cloud_ms(cloud: CloudState, deviations: float = 0.0) -> float | None:
