@@ -389,3 +389,24 @@ def test_router_calibrates_the_local_queue_model_with_observed_latency() -> None
     assert router.route("m", {}, slow_local, local=IDLE, budget_ms=40).target == "edge"
     assert router.route("m", {}, slow_local, local=IDLE, budget_ms=25).target == "cloud"
     assert not cloud.calls[:-1]  # only that last request was offloaded
+
+
+def test_local_calibration_starts_afresh_when_the_local_figures_go_stale() -> None:
+    now = [0.0]
+    router = Router(RoutingSettings(on_no_path="refuse"), None, clock=lambda: now[0])
+
+    def paused_local() -> LocalResult:  # every answer 100 ms late (a long pause)
+        now[0] += 0.105
+        return local_answer([1, 0])
+
+    for _ in range(30):
+        router.route("m", {}, paused_local, local=IDLE, budget_ms=200)
+    with pytest.raises(BudgetExceededError):  # calibrated: local misses, no cloud
+        router.route("m", {}, paused_local, local=IDLE, budget_ms=30)
+    # Idle long enough that admission forgot its figures: unknown, so it runs and
+    # measures again, and the old calibration is gone with them.
+    unknown = LocalState(service_ms=None)
+    assert router.route("m", {}, lambda: local_answer([1, 0]), local=unknown,
+                        budget_ms=30).target == "edge"
+    assert router.route("m", {}, lambda: local_answer([1, 0]), local=IDLE,
+                        budget_ms=30).target == "edge"

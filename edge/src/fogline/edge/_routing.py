@@ -520,6 +520,8 @@ class Router:
         cloud_state = self.cloud.state(model) if self.cloud is not None else CloudState()
         modelled = estimate_local_ms(local)
         with self._error_lock:
+            if local.service_ms is None:  # no (or stale) figures: calibrate afresh too
+                self._local_error.pop(model, None)
             error = self._local_error.get(model)
         if error is not None:
             local = replace(local, error_ms=error[0], error_dev_ms=error[1])
@@ -551,17 +553,18 @@ class Router:
             return self._cascade(model, inputs, result, run)
         finished = self._finish(run, result.outputs, "edge", result.version)
         if modelled is not None:
-            self._learn_local_error(model, finished.latency_ms - modelled)
+            bound = max(modelled, budget or 0.0)
+            self._learn_local_error(model, finished.latency_ms - modelled, bound)
         return finished
 
-    def _learn_local_error(self, model: str, error_ms: float) -> None:
-        """Calibrate the local queue model with how late (or early) answers came."""
+    def _learn_local_error(self, model: str, error_ms: float, bound_ms: float) -> None:
+        """Calibrate the local queue model with how late (or early) answers came. A
+        sample is clipped to ``bound_ms`` (the request's budget or the model's estimate):
+        one pause of the process must not shut the local path, which would then never
+        run again to learn better."""
+        error_ms = max(-bound_ms, min(error_ms, bound_ms))
         with self._error_lock:
-            old = self._local_error.get(model)
-            if old is None:
-                self._local_error[model] = (error_ms, abs(error_ms) / 2.0)
-                return
-            mean, dev = old
+            mean, dev = self._local_error.get(model, (0.0, 0.0))
             dev += _ERROR_BETA * (abs(error_ms - mean) - dev)
             self._local_error[model] = (mean + _ERROR_ALPHA * (error_ms - mean), dev)
 
