@@ -336,6 +336,11 @@ class CloudClient:
                 if reply.service_ms > 0:
                     service.value = reply.service_ms
                 self._rtt.update(rtt_ms)
+                # The cloud's current view agrees with itself: a sample that missed by
+                # nothing, so a deviation left from a busy spell fades while no real
+                # request goes (it would otherwise keep the router away for good).
+                if model in self._deviation:
+                    self._deviation[model] *= 1.0 - _DEV_BETA
             else:
                 self._deviate(model, rtt_ms, service.value)
                 service.update(reply.service_ms)
