@@ -3,6 +3,7 @@ bad releases are rejected with an event while the old model keeps serving."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -236,3 +237,34 @@ def test_missing_artifact_and_garbage_desired_state_are_reported(
     # Once the artifact exists, the backed-off retry fetches and installs it.
     artifact_server.add(data)
     assert agent.wait_for_version("digits", 2, timeout=30)
+
+
+def test_desired_sequence_is_recorded_before_install_and_survives_a_restart(
+    kit: ReleaseKit,
+    artifact_server: ArtifactServer,
+    agent_factory: Callable[..., Agent],
+    observer_factory: Callable[..., Observer],
+) -> None:
+    """The sequence is written by the delivery worker, not the network thread: it is on
+    disk once the install it asked for is, and a restarted agent still refuses a
+    replayed older desired state."""
+    obs = observer_factory()
+    topics: Topics = kit.topics
+    pub = artifact_server._transport
+    _install(kit, artifact_server, 1, seed=1)
+    _install(kit, artifact_server, 2, seed=2)
+    publish(pub, topics.fleet_desired(), kit.desired("fleet", {"digits": 2}, sequence=7))
+    agent = agent_factory()
+    assert agent.wait_for_version("digits", 2, timeout=20)
+    recorded = agent.config.data_dir / "desired_sequences.json"
+    assert json.loads(recorded.read_text()) == {"fleet": 7}
+    agent.stop()
+    again = agent_factory(config=agent.config)
+    assert again.wait_for_version("digits", 2, timeout=20)
+    publish(
+        pub,
+        topics.fleet_desired(),
+        kit.desired("fleet", {"digits": 1}, sequence=6, allow_rollback=True),
+    )
+    obs.wait_event(kind="desired_rejected", reason="stale")
+    assert _serving(again) == 2

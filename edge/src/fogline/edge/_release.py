@@ -96,6 +96,7 @@ class ReleaseManager:
         self._desired: dict[str, DesiredState] = {}  # scope key -> verified desired state
         self._sequences_path = store.root / "desired_sequences.json"
         self._sequences = self._load_sequences()
+        self._sequences_dirty = False  # _sequences holds news not on disk yet
         self._releases: dict[str, dict[int, ReleaseManifest]] = {}
         self._seen: set[tuple[str, int, bytes]] = set()
         self._failed: dict[tuple[str, int, str], str] = {}  # -> reason
@@ -135,6 +136,9 @@ class ReleaseManager:
         self._jobs.put(None)
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._thread is None or not self._thread.is_alive():
+            with contextlib.suppress(OSError):
+                self._save_sequences()
 
     def desired(self) -> dict[str, DesiredModel]:
         """The merged desired state: device over group (in config order) over fleet."""
@@ -164,6 +168,22 @@ class ReleaseManager:
             return {str(k): int(v) for k, v in raw.items()}
         except (OSError, ValueError, TypeError, AttributeError):
             return {}
+
+    def _save_sequences(self) -> None:
+        """Record the desired-state sequences durably (worker thread): before anything
+        is installed on a desired state's word, so that after a restart a replayed older
+        one is still refused as stale."""
+        with self._lock:
+            if not self._sequences_dirty:
+                return
+            data = json.dumps(self._sequences).encode()
+            self._sequences_dirty = False
+        try:
+            atomic_write(self._sequences_path, data)
+        except OSError:
+            with self._lock:
+                self._sequences_dirty = True
+            raise
 
     def _on_connection(self, up: bool) -> None:
         if up:  # downloads that failed for want of a connection get another chance
@@ -217,8 +237,10 @@ class ReleaseManager:
                 stale = False
                 self._desired[scope_key] = state
                 if last != state.sequence:
+                    # Recorded durably by the worker (_save_sequences), before it acts
+                    # on this state: an fsync here would hold up the network thread.
                     self._sequences[scope_key] = state.sequence
-                    atomic_write(self._sequences_path, json.dumps(self._sequences).encode())
+                    self._sequences_dirty = True
         if stale:
             self._telemetry.event(
                 "desired_rejected",
@@ -316,6 +338,7 @@ class ReleaseManager:
                 break
             try:
                 self._evaluate(model)
+                self._save_sequences()  # nothing to install: recorded now anyway
             except DownloadStoppedError:
                 break
             except Exception:
@@ -407,6 +430,7 @@ class ReleaseManager:
             inputs=[s.model_dump() for s in variant.inputs],
             outputs=[s.model_dump() for s in variant.outputs],
         )
+        self._save_sequences()
         self._store.commit(record)
         self._activate(loaded)
         self.installs += 1
