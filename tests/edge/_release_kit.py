@@ -188,6 +188,8 @@ class ArtifactServer:
         self.artifacts: dict[str, bytes] = {}
         self.delay_s = 0.0
         self.tamper: dict[tuple[str, int], Callable[[bytes], bytes]] = {}
+        # Damage after the chunk's own hash was taken (in transit), once per entry.
+        self.garble_once: dict[tuple[str, int], Callable[[bytes], bytes]] = {}
         self.requests: Counter[tuple[str, int]] = Counter()
         self._queue: queue.Queue[ChunkRequest | None] = queue.Queue()
         self._transport = MqttTransport(
@@ -234,13 +236,15 @@ class ArtifactServer:
                 fn = self.tamper.get((req.sha256, req.offset))
                 if fn is not None:
                     chunk = fn(chunk)
+                claim = sha256(chunk)
+                garble = self.garble_once.pop((req.sha256, req.offset), None)
                 reply = ArtifactChunk(
                     correlation_id=req.correlation_id,
                     sha256=req.sha256,
                     offset=req.offset,
                     total_size=len(data),
-                    chunk_sha256=sha256(chunk),
-                    data=chunk,
+                    chunk_sha256=claim,
+                    data=chunk if garble is None else garble(chunk),
                 )
             with contextlib.suppress(Exception):
                 self._transport.publish(req.reply_to, encode(reply), qos=1)

@@ -268,3 +268,25 @@ def test_desired_sequence_is_recorded_before_install_and_survives_a_restart(
     )
     obs.wait_event(kind="desired_rejected", reason="stale")
     assert _serving(again) == 2
+
+
+def test_a_chunk_damaged_in_transit_is_fetched_again_alone(
+    kit: ReleaseKit,
+    artifact_server: ArtifactServer,
+    agent_factory: Callable[..., Agent],
+) -> None:
+    """A chunk whose bytes break its own sha256 is found once the whole file fails, and
+    only that chunk is fetched again; the release then installs."""
+    agent = agent_factory()
+    data = build_model(seed=5)
+    sha = artifact_server.add(data)
+    chunk_size = kit.release("digits", 1, data).manifest.variants[0].chunk_size
+    assert len(data) > 2 * chunk_size
+    artifact_server.garble_once[(sha, chunk_size)] = lambda b: bytes([b[0] ^ 0xFF]) + b[1:]
+    publish(
+        artifact_server._transport, kit.topics.release("digits", 1), kit.release("digits", 1, data)
+    )
+    assert agent.wait_for_version("digits", 1, timeout=20)
+    asked = artifact_server.requests
+    assert asked[(sha, chunk_size)] == 2
+    assert all(n == 1 for (s, offset), n in asked.items() if s == sha and offset != chunk_size)

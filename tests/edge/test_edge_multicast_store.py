@@ -82,3 +82,36 @@ def test_an_incomplete_download_has_no_whole_file_hash(tmp_path: Path) -> None:
     part.write(0, b"x" * CHUNK)
     with pytest.raises(ArtifactError, match="incomplete"):
         part.file_sha256()
+
+
+def test_a_failed_whole_file_hash_finds_the_chunks_that_break_their_claims(
+    tmp_path: Path,
+) -> None:
+    """Chunks written with the sha256 they came with are hashed once (into the whole
+    file); only when the whole fails are they checked one by one, and only the bad ones
+    are dropped, also across a restart (the claims are in the record)."""
+    store = ModelStore(tmp_path)
+    data = os.urandom(3 * CHUNK + 5)
+    sha = hashlib.sha256(data).hexdigest()
+    chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+    claims = [hashlib.sha256(c).hexdigest() for c in chunks]
+    part = store.partial(sha, len(data), CHUNK)
+    for index, chunk in enumerate(chunks):
+        sent = bytes([chunk[0] ^ 0xFF]) + chunk[1:] if index == 2 else chunk
+        part.write(index, sent, sync=False, claimed_sha256=claims[index])
+    part.flush()
+    assert part.file_sha256() != sha
+    # A restart keeps the claims: the bad chunk is found from the record too.
+    again = store.partial(sha, len(data), CHUNK)
+    assert again.claims == dict(enumerate(claims))
+    assert again.bad_chunks() == [2]
+    assert part.bad_chunks() == [2]
+    assert part.missing == [2] and store.partial(sha, len(data), CHUNK).missing == [2]
+    part.write(2, chunks[2], sync=False, claimed_sha256=claims[2])
+    part.close()
+    assert part.file_sha256() == sha and part.path.read_bytes() == data
+    # Right claims over wrong bytes blame no chunk: only the whole-file check can tell.
+    liar = store.partial("e" * 64, len(data), CHUNK)
+    for index, chunk in enumerate(chunks):
+        liar.write(index, chunk, claimed_sha256=claims[index])
+    assert liar.file_sha256() != "e" * 64 and liar.bad_chunks() == []

@@ -28,7 +28,9 @@ CHUNK = 2048
 def _done_chunks(record: Path) -> set[int]:
     if not record.exists():
         return set()
-    return {int(line) for line in record.read_text().split() if line.isdigit()}
+    # "index" or "index sha256" per line
+    lines = [line.split(" ")[0] for line in record.read_text().split("\n")]
+    return {int(index) for index in lines if index.isdigit()}
 
 
 def test_sigkill_mid_download_resumes_without_refetching_finished_chunks(

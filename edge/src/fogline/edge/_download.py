@@ -1,10 +1,17 @@
 """Chunked artifact fetch over MQTT, resumable.
 
 The agent sends :class:`ChunkRequest` messages to ``artifacts/{sha}/get`` with its inbox
-as ``reply_to``, keeps a window of requests in flight, checks every chunk (offset, size,
-hash) on arrival, and writes it into the :class:`PartialArtifact`. Lost replies time
-out and are re-requested; while the broker is unreachable it waits instead of burning
-retries. The whole-file hash is checked by the caller.
+as ``reply_to``, keeps a window of requests in flight, checks every chunk (artifact,
+offset, size) on arrival, and writes it into the :class:`PartialArtifact` with the
+sha256 it came with. Lost replies time out and are re-requested; while the broker is
+unreachable it waits instead of burning retries.
+
+Each byte is hashed once: the chunks go into the whole-file hash as they are written,
+and once every chunk is there the file is checked against the artifact's sha256. Only
+if that fails are the chunks checked one by one against their own hashes
+(:meth:`PartialArtifact.bad_chunks`); the bad ones are fetched again (unicast, counting
+as retries, as a failed per-chunk check on arrival did), the rest stay. The caller
+checks the whole-file hash again before installing (the result is kept: no new pass).
 
 While it downloads, the fetcher also subscribes to ``artifacts/{sha}/chunks`` and marks
 its first request for each chunk ``multicast``: the artifact service then answers every
@@ -22,7 +29,6 @@ refuses the subscription, or a lost multicast costs one timeout and nothing else
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import queue
 import threading
@@ -78,6 +84,7 @@ class _Fetch:
     todo: list[int]
     retries: list[tuple[int, int]] = field(default_factory=list)
     pending: dict[str, _Pending] = field(default_factory=dict)
+    written: dict[int, int] = field(default_factory=dict)  # index -> attempts before it
 
     @property
     def wanted(self) -> bool:
@@ -193,18 +200,37 @@ class ArtifactFetcher:
         return pending.pop(corr, None)
 
     def fetch(self, part: PartialArtifact, stop: threading.Event) -> None:
-        """Fill every missing chunk of ``part``. Raises :class:`ArtifactError` (with
-        ``hash_mismatch`` or ``download_failed`` in the text) or :class:`DownloadStoppedError`."""
+        """Fill every missing chunk of ``part``, until the file matches its sha256 or no
+        chunk can be blamed for it (the caller's whole-file check then fails). Raises
+        :class:`ArtifactError` (with ``hash_mismatch`` or ``download_failed`` in the
+        text) or :class:`DownloadStoppedError`."""
         todo = part.missing
         if not todo:
             return
         todo.reverse()  # pop() from the end takes the lowest index first
         state = _Fetch(part, todo)
+        while True:
+            self._fetch_missing(state, stop)
+            if part.file_sha256() == part.sha256:
+                return
+            bad = part.bad_chunks()
+            if not bad:
+                return
+            for index in bad:
+                self.bad_chunks += 1
+                attempts = state.written.pop(index, 0)
+                problem = f"hash_mismatch: chunk {index} does not match its sha256"
+                self._retry(_Pending(index, 0.0, attempts), problem, state.retries)
+
+    def _fetch_missing(self, state: _Fetch, stop: threading.Event) -> None:
+        part = state.part
         with self._lock:
             self._fetching = part.sha256
         # Subscribed (acknowledged) before the first request, so no multicast answering
-        # it can pass us by.
-        self._multicast = self._transport.connected and self._subscribe_chunks(part.sha256)
+        # it can pass us by. Chunks fetched again are asked for unicast: no need then.
+        self._multicast = (
+            bool(state.todo) and self._transport.connected and self._subscribe_chunks(part.sha256)
+        )
         try:
             while state.wanted:
                 if stop.is_set():
@@ -310,7 +336,8 @@ class ArtifactFetcher:
         # first write (a slow link records its progress as it goes), and on close.
         if not part.unsynced_bytes:
             self._unsynced_since = time.monotonic()
-        part.write(p.index, reply.data, sync=False)
+        part.write(p.index, reply.data, sync=False, claimed_sha256=reply.chunk_sha256)
+        state.written[p.index] = p.attempts
         if (
             not state.pending
             or part.unsynced_bytes >= _SYNC_BYTES
@@ -349,9 +376,7 @@ class ArtifactFetcher:
         if reply.total_size != part.size:
             self.bad_chunks += 1
             return f"chunk {index} claims total size {reply.total_size}; manifest: {part.size}"
-        if hashlib.sha256(reply.data).hexdigest() != reply.chunk_sha256:
-            self.bad_chunks += 1
-            return f"hash_mismatch: chunk {index} does not match its sha256"
+        # Its own sha256 is checked only if the whole file fails (see fetch).
         return None
 
     def _retry(self, p: _Pending, problem: str, retries: list[tuple[int, int]]) -> None:

@@ -3,7 +3,8 @@
     models/<model>/state.json         {"current": {...}, "previous": {...}}
     models/<model>/<version>-<sha>.onnx
     downloads/<sha>.part              a partial artifact, written at chunk offsets
-    downloads/<sha>.chunks            indices of verified chunks, one per line
+    downloads/<sha>.chunks            chunks on disk, one per line: index and the sha256
+                                      the chunk came with ("3 ab12..."; or "3": verified)
 
 Every write that matters is atomic: temp file, fsync, rename, fsync of the directory.
 A chunk index is appended only after its bytes are synced (``fdatasync``), so after a
@@ -18,6 +19,13 @@ The record itself is not synced: losing its tail only means fetching those chunk
 again, and a torn last line (no newline) is ignored. Likewise the
 ``.meta`` file: without it the partial download is started over. The whole-file hash
 checked before install backs all of this up.
+
+One hash pass per byte: a chunk that comes with its own sha256 (an artifact service's
+``ArtifactChunk.chunk_sha256``) is written and recorded with that claim, and its bytes
+go only into the whole-file hash. Only when the whole file then does not match its
+sha256 are the chunks hashed one by one against their claims (:meth:`bad_chunks`), so
+that just the bad ones are fetched again, as an immediate per-chunk check would have.
+Nothing is installed before the whole-file hash matches.
 
 A partial download holds no file descriptor between writes: with a fleet of agents in
 one process every descriptor counts (paho-mqtt's ``select()`` loop cannot use
@@ -108,6 +116,7 @@ class PartialArtifact:
         self.record = directory / f"{sha256}.chunks"
         self._meta = directory / f"{sha256}.meta"
         self.done: set[int] = set()
+        self.claims: dict[int, str] = {}  # chunk index -> the sha256 it came with
         self._unsynced: list[int] = []  # written, not yet synced nor recorded
         self._closed = False
         # The whole-file hash, fed with chunks as they are written, in order; chunks
@@ -132,8 +141,13 @@ class PartialArtifact:
         with contextlib.suppress(FileNotFoundError):
             # Only complete lines: a crash may leave a torn last one.
             for line in self.record.read_text().split("\n")[:-1]:
-                if line.isdigit() and int(line) < self.count:
-                    self.done.add(int(line))
+                index, _, claim = line.partition(" ")
+                if index.isdigit() and int(index) < self.count:
+                    self.done.add(int(index))
+                    if claim:
+                        self.claims[int(index)] = claim
+                    else:  # verified when written (or by an older version)
+                        self.claims.pop(int(index), None)
 
     @property
     def missing(self) -> list[int]:
@@ -147,9 +161,13 @@ class PartialArtifact:
     def unsynced_bytes(self) -> int:
         return sum(self.span(i)[1] for i in self._unsynced)
 
-    def write(self, index: int, data: bytes, *, sync: bool = True) -> None:
-        """Write a verified chunk; with ``sync`` also :meth:`flush`. A chunk written
-        without it counts as done but is recorded only by the next flush."""
+    def write(
+        self, index: int, data: bytes, *, sync: bool = True, claimed_sha256: str | None = None
+    ) -> None:
+        """Write a chunk; with ``sync`` also :meth:`flush`. A chunk written without it
+        counts as done but is recorded only by the next flush. ``claimed_sha256``: the
+        chunk's own hash as it came, not checked here (see :meth:`bad_chunks`); without
+        it the chunk is taken as verified already."""
         offset, length = self.span(index)
         if len(data) != length:
             raise ArtifactError(f"chunk {index} is {len(data)} bytes; expected {length}")
@@ -161,6 +179,10 @@ class PartialArtifact:
         finally:
             os.close(fd)
         self.done.add(index)
+        if claimed_sha256 is None:
+            self.claims.pop(index, None)
+        else:
+            self.claims[index] = claimed_sha256
         self._unsynced.append(index)
         self._feed(index, data)
         if sync:
@@ -199,6 +221,35 @@ class PartialArtifact:
         self._held_bytes = 0
         return self._hash.hexdigest()
 
+    def bad_chunks(self) -> list[int]:
+        """After the whole file failed its hash: the chunks whose bytes do not match the
+        sha256 they came with, read back and hashed one by one. They are forgotten (to be
+        fetched again) and the whole-file hash starts over. Empty when every claim holds:
+        then the source sent wrong bytes under right claims, and only the caller's
+        whole-file check can tell."""
+        bad = []
+        with open(self.path, "rb") as fh:
+            for index, claim in sorted(self.claims.items()):
+                offset, length = self.span(index)
+                fh.seek(offset)
+                if hashlib.sha256(fh.read(length)).hexdigest() != claim:
+                    bad.append(index)
+        if not bad:
+            return []
+        self.flush()
+        for index in bad:
+            self.done.discard(index)
+            del self.claims[index]
+        lines = "".join(
+            f"{i} {self.claims[i]}\n" if i in self.claims else f"{i}\n" for i in sorted(self.done)
+        )
+        atomic_write(self.record, lines.encode(), durable=False)
+        self._hash = hashlib.sha256()
+        self._hashed = 0
+        self._held.clear()
+        self._held_bytes = 0
+        return bad
+
     def flush(self) -> None:
         """Sync every chunk written since the last flush, then record them."""
         if not self._unsynced or self._closed:
@@ -210,7 +261,12 @@ class PartialArtifact:
         finally:
             os.close(fd)
         with open(self.record, "a") as rec:
-            rec.write("".join(f"{i}\n" for i in self._unsynced))
+            rec.write(
+                "".join(
+                    f"{i} {self.claims[i]}\n" if i in self.claims else f"{i}\n"
+                    for i in self._unsynced
+                )
+            )
         self._unsynced.clear()
 
     def close(self) -> None:
@@ -230,6 +286,7 @@ class PartialArtifact:
         for p in (self.path, self.record, self._meta):
             p.unlink(missing_ok=True)
         self.done.clear()
+        self.claims.clear()
 
 
 class ModelStore:
