@@ -89,3 +89,24 @@ def test_simulated_slow_device_runs_its_slow_session(
         assert len(runs) == 3
     finally:
         agent.stop()
+
+
+def _spinning_entry(session: Any) -> str | None:
+    try:
+        value: str = session.get_session_options().get_session_config_entry(
+            "session.intra_op.allow_spinning"
+        )
+    except RuntimeError:  # not set: ONNX Runtime's default, spinning
+        return None
+    return value
+
+
+@pytest.mark.parametrize(("allow_spinning", "entry"), [(True, None), (False, "0")])
+def test_session_cache_can_load_sessions_whose_workers_do_not_spin(
+    tmp_path: Path, allow_spinning: bool, entry: str | None
+) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(build_model(seed=1))
+    session = SessionCache(allow_spinning=allow_spinning).get_or_load("sha", 2, model)
+    assert _spinning_entry(session) == entry
+    assert session.run(None, {"input": sample_input()})[0].shape == (1, 10)

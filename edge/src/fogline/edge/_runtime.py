@@ -147,9 +147,14 @@ class ModelSlot:
 
 class SessionCache:
     """Shares loaded sessions between agents of one process (simulated fleets), keyed
-    by (artifact sha256, intra-op threads). Entries vanish when no agent uses them."""
+    by (artifact sha256, intra-op threads). Entries vanish when no agent uses them.
 
-    def __init__(self) -> None:
+    ``allow_spinning=False`` makes the sessions' intra-op workers sleep between runs
+    instead of spin-waiting for more work (ONNX Runtime's default): right for a device
+    whose cores are its own, wasteful where many agents share a host's few cores."""
+
+    def __init__(self, *, allow_spinning: bool = True) -> None:
+        self.allow_spinning = allow_spinning
         self._sessions: weakref.WeakValueDictionary[tuple[str, int], Any] = (
             weakref.WeakValueDictionary()
         )
@@ -160,7 +165,7 @@ class SessionCache:
         with self._lock:
             session = self._sessions.get(key)
             if session is None:
-                session = _new_session(path, threads)
+                session = _new_session(path, threads, allow_spinning=self.allow_spinning)
                 self._sessions[key] = session
             return session
 
@@ -168,12 +173,14 @@ class SessionCache:
         return len(self._sessions)
 
 
-def _new_session(path: Path, threads: int) -> Any:
+def _new_session(path: Path, threads: int, *, allow_spinning: bool = True) -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    if not allow_spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
