@@ -175,3 +175,41 @@ def test_input_backlog_counts_what_the_network_thread_has_not_read(
         release.set()
         assert backlog > 0
     assert MqttTransport(mqtt_settings).input_backlog() == 0  # never connected
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_large_publishes_keep_topic_flags_and_are_acknowledged(
+    mqtt_settings: MqttSettings, protocol: str
+) -> None:
+    """Large PUBLISH packets are taken apart in place (one payload copy) under MQTT
+    3.1.1 and by paho otherwise: the same messages either way. 25 QoS 1 messages, more
+    than Mosquitto sends unacknowledged, so each must have been acknowledged."""
+    settings = mqtt_settings.model_copy(update={"protocol": protocol})
+    base = f"test/{uuid.uuid4().hex[:10]}"
+    retained = os.urandom(100_000)
+    live = [os.urandom(70_000 + i) for i in range(25)]
+    got: list[MqttMessage] = []
+    done = threading.Event()
+
+    def collect(msg: MqttMessage) -> None:
+        got.append(msg)
+        if len(got) == 1 + len(live):
+            done.set()
+
+    with MqttTransport(settings) as sub, MqttTransport(settings) as pub:
+        pub.publish(f"{base}/kept/é", retained, qos=1, retain=True, wait=True)
+        sub.subscribe(f"{base}/#", collect, qos=1, wait=True)
+        for i, payload in enumerate(live):
+            pub.publish(f"{base}/live", payload, qos=i % 2)
+        assert done.wait(WAIT), f"{len(got)} of {1 + len(live)} messages arrived"
+        pub.publish(f"{base}/kept/é", b"", qos=1, retain=True, wait=True)
+    first, rest = got[0], got[1 : 1 + len(live)]  # not the clearing of the retained one
+    assert (first.topic, first.payload, first.qos, first.retain) == (
+        f"{base}/kept/é",
+        retained,
+        1,
+        True,
+    )
+    assert [m.payload for m in rest] == live
+    assert [m.qos for m in rest] == [i % 2 for i in range(len(live))]
+    assert {m.topic for m in rest} == {f"{base}/live"} and not any(m.retain for m in rest)

@@ -17,6 +17,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,17 +126,53 @@ def _strip_share(topic_filter: str) -> str:
     return topic_filter
 
 
+_ONE_COPY_MIN = 64 * 1024  # PUBLISH bodies from this size on are taken apart in place
+
+
 class _Client(paho.Client):
     """paho's client reading a plain TCP connection through a :class:`BufferedSocket`
-    (fewer system calls and wake-ups per packet). TLS, websocket and Unix-socket
-    connections are left as paho makes them. paho has no public hook for the socket
-    it creates; if its private ``_create_socket`` goes away, this changes nothing."""
+    (fewer system calls and wake-ups per packet), and taking large incoming PUBLISH
+    packets apart with one copy of the payload instead of two. TLS, websocket and
+    Unix-socket connections are left as paho makes them. paho has no public hook for
+    either; if its private ``_create_socket`` goes away, that changes nothing, and
+    :meth:`_handle_publish` leaves every case it does not know to paho."""
 
     def _create_socket(self) -> Any:
         sock = super()._create_socket()
         if type(sock) is socket.socket and sock.type == socket.SOCK_STREAM:
             return BufferedSocket(sock)
         return sock
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        # paho slices the packet with struct.unpack twice (topic, then message id), each
+        # a copy of the whole payload: for a 1 MiB artifact chunk two fresh megabytes,
+        # per device. Here the payload is copied out once. MQTT 3.1.1, QoS 0 and 1 only;
+        # anything else, or anything malformed, goes to paho as before.
+        state = getattr(self, "_in_packet", None)
+        packet = state.get("packet") if isinstance(state, dict) else None
+        if not isinstance(packet, bytearray) or len(packet) < _ONE_COPY_MIN:
+            return super()._handle_publish()
+        header = int(state["command"])  # type: ignore[index]
+        qos = (header & 0x06) >> 1
+        if qos > 1 or getattr(self, "_protocol", None) != MQTTProtocolVersion.MQTTv311:
+            return super()._handle_publish()
+        topic_end = 2 + int.from_bytes(packet[:2], "big")
+        start = topic_end + 2 * qos
+        if topic_end == 2 or start > len(packet):
+            return super()._handle_publish()
+        message = paho.MQTTMessage(
+            mid=int.from_bytes(packet[topic_end:start], "big"), topic=bytes(packet[2:topic_end])
+        )
+        message.dup = bool(header & 0x08)
+        message.qos = qos
+        message.retain = bool(header & 0x01)
+        with memoryview(packet) as view:
+            message.payload = view[start:].tobytes()
+        message.timestamp = time.monotonic()
+        self._handle_on_message(message)
+        if qos == 1 and not self._manual_ack:
+            return self._send_puback(message.mid)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
 class MqttTransport:
