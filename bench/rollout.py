@@ -19,6 +19,7 @@ single-process rows.
 
     .venv/bin/python bench/rollout.py                            # N = 50, 100, 200
     .venv/bin/python bench/rollout.py --sizes 50 100 200 --processes 4
+    .venv/bin/python bench/rollout.py --sizes 200 --processes 1 4  # the same two splits
     .venv/bin/python bench/rollout.py --sizes 20 --processes 1   # quick look
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import queue
 import shutil
 import subprocess
@@ -367,17 +369,23 @@ def main() -> None:
     parser.add_argument(
         "--processes",
         type=int,
-        default=4,
-        help="also run with the agents (and the floor's subscribers) over K processes",
+        nargs="+",
+        default=[4],
+        help="K: also run with the agents (and the floor's subscribers) over K processes; "
+        "several values: exactly those splits (e.g. 1 4)",
     )
     args = parser.parse_args()
-    if args.processes < 1:
+    if min(args.processes) < 1:
         parser.error("--processes must be at least 1")
-    splits = [1] if args.processes == 1 else [1, args.processes]
+    if len(args.processes) == 1:
+        splits = sorted({1, args.processes[0]})
+    else:
+        splits = list(dict.fromkeys(args.processes))
     logging.basicConfig(level=logging.ERROR)
     artifact = build_model()
     onnx.checker.check_model(onnx.load_from_string(artifact))
     print(f"release artifact: {len(artifact) / 1e6:.2f} MB, chunks of {CHUNK // 1024} KiB")
+    print("load average at the start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     rows = []
     with tempfile.TemporaryDirectory(prefix="fogline-bench-") as tmp:
         root = Path(tmp)
@@ -409,6 +417,7 @@ def main() -> None:
                     )
         finally:
             broker.close()
+    print("load average at the end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print()
     print(
         "| N | processes | Fogline publish -> all serve (s) | paho fan-out floor (s) | ratio "
