@@ -324,3 +324,27 @@ def test_the_limit_still_bounds_a_held_batch() -> None:
         assert done.wait(10)  # published although input never stops
     finally:
         batcher.close()
+
+
+def test_a_bad_chunk_left_by_an_earlier_run_is_fetched_again(
+    service_factory: Callable[..., ArtifactService],
+    connect: Callable[[], MqttTransport],
+    topics: Topics,
+    tmp_path: Path,
+) -> None:
+    """Chunks are written with the hash they came with and checked only through the
+    whole file. A run that stopped after writing every chunk but before that check
+    leaves a bad chunk on record: the next run finds it and fetches it alone."""
+    svc = service_factory(coalesce_s=0.05)
+    data = os.urandom(3 * CHUNK)
+    sha = svc.store.put_bytes(data)
+    device = Device(connect(), topics, tmp_path)
+    part = device.store.partial(sha, len(data), CHUNK)
+    for index in range(3):
+        good = data[index * CHUNK : (index + 1) * CHUNK]
+        sent = bytes([good[0] ^ 0xFF]) + good[1:] if index == 1 else good
+        part.write(index, sent, claimed_sha256=hashlib.sha256(good).hexdigest())
+    part.close()
+    assert device.download(sha, len(data)) == data
+    assert device.fetcher.bad_chunks == 1
+    assert svc.stats()["chunks_served"] + svc.stats()["chunks_multicast"] == 1

@@ -203,14 +203,15 @@ class ArtifactFetcher:
         """Fill every missing chunk of ``part``, until the file matches its sha256 or no
         chunk can be blamed for it (the caller's whole-file check then fails). Raises
         :class:`ArtifactError` (with ``hash_mismatch`` or ``download_failed`` in the
-        text) or :class:`DownloadStoppedError`."""
+        text) or :class:`DownloadStoppedError`. Also with no chunk missing: chunks an
+        earlier run wrote unchecked (it stopped before the whole-file check) are checked
+        now, and the bad ones fetched again."""
         todo = part.missing
-        if not todo:
-            return
         todo.reverse()  # pop() from the end takes the lowest index first
         state = _Fetch(part, todo)
         while True:
-            self._fetch_missing(state, stop)
+            if state.wanted:
+                self._fetch_missing(state, stop)
             if part.file_sha256() == part.sha256:
                 return
             bad = part.bad_chunks()

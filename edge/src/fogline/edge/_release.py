@@ -447,8 +447,8 @@ class ReleaseManager:
             return self._store.place(model, version, sha256, local, move=False)
         part = self._store.partial(sha256, size, chunk_size)
         try:
-            if part.missing:
-                self._fetcher.fetch(part, self._stop)
+            # Also when no chunk is missing: an earlier run's unchecked chunks get checked.
+            self._fetcher.fetch(part, self._stop)
         except ArtifactError as exc:
             reason = exc.message.split(":", 1)[0]
             if reason == "hash_mismatch":
