@@ -11,14 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import weakref
 from pathlib import Path
 from typing import Any
 
-import onnxruntime as ort
-
 from fogline.edge import Agent, AgentConfig, SessionCache
-from fogline.protocol import FoglineError, InvalidModelError
+from fogline.protocol import FoglineError
 
 from ._ledger import DeviceSnapshot
 from ._link import LinkEmulator
@@ -43,38 +40,7 @@ class FleetSessionCache(SessionCache):
     the workers sleep between runs; results are the same."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self._fleet_sessions: weakref.WeakValueDictionary[tuple[str, int], Any] = (
-            weakref.WeakValueDictionary()
-        )
-        self._fleet_lock = threading.Lock()
-
-    def get_or_load(self, sha256: str, threads: int, path: Path) -> Any:
-        key = (sha256, threads)
-        with self._fleet_lock:
-            session = self._fleet_sessions.get(key)
-            if session is None:
-                session = _quiet_session(path, threads)
-                self._fleet_sessions[key] = session
-            return session
-
-    def __len__(self) -> int:
-        return len(self._fleet_sessions)
-
-
-def _quiet_session(path: Path, threads: int) -> Any:
-    """An ONNX Runtime session as the edge makes one, but with non-spinning workers."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # a broken artifact: the agent reports load_failed
-        text = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
-        raise InvalidModelError(f"cannot load {path.name}: {type(exc).__name__}: {text}") from None
+        super().__init__(allow_spinning=False)
 
 
 class _SlowSession:
