@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from fogline.protocol import EmbeddedBroker, MosquittoBroker, MqttSettings
+from fogline.protocol import EmbeddedBroker, MosquittoBroker, MqttSettings, MqttTransport
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -54,6 +54,24 @@ def broker_url(mosquitto: MosquittoBroker) -> str:
 @pytest.fixture
 def mqtt_settings(broker_url: str) -> MqttSettings:
     return MqttSettings(url=broker_url, reconnect_min_s=0.2, reconnect_max_s=2.0)
+
+
+@pytest.fixture
+def transports(mqtt_settings: MqttSettings) -> Iterator[Callable[[], MqttTransport]]:
+    """Factory of transports connected to the test broker, all closed at teardown."""
+    made: list[MqttTransport] = []
+
+    def make() -> MqttTransport:
+        transport = MqttTransport(mqtt_settings)
+        made.append(transport)
+        transport.connect()
+        return transport
+
+    try:
+        yield make
+    finally:
+        for transport in reversed(made):
+            transport.close()
 
 
 @pytest.fixture

@@ -38,30 +38,14 @@ def topics() -> Topics:
 
 
 @pytest.fixture
-def connect(mqtt_settings: MqttSettings) -> Iterator[Callable[[], MqttTransport]]:
-    made: list[MqttTransport] = []
-
-    def make() -> MqttTransport:
-        transport = MqttTransport(mqtt_settings)
-        made.append(transport)
-        transport.connect()
-        return transport
-
-    try:
-        yield make
-    finally:
-        for transport in made:
-            transport.close()
-
-
-@pytest.fixture
 def service_factory(
-    tmp_path: Path, topics: Topics, connect: Callable[[], MqttTransport]
+    tmp_path: Path, topics: Topics, transports: Callable[[], MqttTransport]
 ) -> Iterator[Callable[..., ArtifactService]]:
     made: list[ArtifactService] = []
 
     def make(**kwargs: Any) -> ArtifactService:
-        svc = ArtifactService(connect(), ArtifactStore(tmp_path / "store"), topics=topics, **kwargs)
+        store = ArtifactStore(tmp_path / "store")
+        svc = ArtifactService(transports(), store, topics=topics, **kwargs)
         made.append(svc)
         svc.start()
         return svc
@@ -123,7 +107,7 @@ def _together(devices: list[Device], sha: str, size: int) -> list[bytes]:
 
 def test_concurrent_downloads_share_one_publish_per_chunk(
     service_factory: Callable[..., ArtifactService],
-    connect: Callable[[], MqttTransport],
+    transports: Callable[[], MqttTransport],
     topics: Topics,
     tmp_path: Path,
 ) -> None:
@@ -131,7 +115,7 @@ def test_concurrent_downloads_share_one_publish_per_chunk(
     svc = service_factory(coalesce_s=1.0, coalesce_max_s=5.0)
     data = os.urandom(3 * CHUNK + 99)
     sha = svc.store.put_bytes(data)
-    devices = [Device(connect(), topics, tmp_path) for _ in range(3)]
+    devices = [Device(transports(), topics, tmp_path) for _ in range(3)]
     assert _together(devices, sha, len(data)) == [data] * 3
     stats = svc.stats()
     assert stats["chunks_multicast"] == 4  # one publish per chunk, for three devices
@@ -144,13 +128,13 @@ def test_concurrent_downloads_share_one_publish_per_chunk(
 
 
 def test_a_chunk_another_device_asked_for_is_taken_and_not_requested(
-    connect: Callable[[], MqttTransport], topics: Topics, tmp_path: Path
+    transports: Callable[[], MqttTransport], topics: Topics, tmp_path: Path
 ) -> None:
     # A stand-in service answers the device's first request with the OTHER chunk
     # first (as another device's batch would arrive), then the one it asked for.
     data = os.urandom(2 * CHUNK)
     sha = hashlib.sha256(data).hexdigest()
-    server = connect()
+    server = transports()
     asked: list[ChunkRequest] = []
 
     def chunk(offset: int) -> bytes:
@@ -174,7 +158,7 @@ def test_a_chunk_another_device_asked_for_is_taken_and_not_requested(
             server.publish(topics.artifact_chunks(sha), chunk(request.offset), qos=1)
 
     server.subscribe(topics.all_artifact_gets(), serve, qos=1, wait=True)
-    device = Device(connect(), topics, tmp_path, window=1)  # asks for one chunk at a time
+    device = Device(transports(), topics, tmp_path, window=1)  # asks for one chunk at a time
     assert device.download(sha, len(data)) == data
     assert [(r.offset, r.multicast) for r in asked] == [(0, True)]
     assert device.fetcher.requests_sent == 1
@@ -183,14 +167,14 @@ def test_a_chunk_another_device_asked_for_is_taken_and_not_requested(
 
 def test_a_late_device_still_completes(
     service_factory: Callable[..., ArtifactService],
-    connect: Callable[[], MqttTransport],
+    transports: Callable[[], MqttTransport],
     topics: Topics,
     tmp_path: Path,
 ) -> None:
     svc = service_factory(coalesce_s=0.05)
     data = os.urandom(2 * CHUNK + 1)
     sha = svc.store.put_bytes(data)
-    first, late = (Device(connect(), topics, tmp_path) for _ in range(2))
+    first, late = (Device(transports(), topics, tmp_path) for _ in range(2))
     assert first.download(sha, len(data)) == data
     # Its batches are long gone: the late device's requests open new ones.
     assert late.download(sha, len(data)) == data
@@ -199,14 +183,14 @@ def test_a_late_device_still_completes(
 
 def test_a_partial_download_resumes_over_multicast(
     service_factory: Callable[..., ArtifactService],
-    connect: Callable[[], MqttTransport],
+    transports: Callable[[], MqttTransport],
     topics: Topics,
     tmp_path: Path,
 ) -> None:
     svc = service_factory(coalesce_s=0.05)
     data = os.urandom(4 * CHUNK)
     sha = svc.store.put_bytes(data)
-    device = Device(connect(), topics, tmp_path)
+    device = Device(transports(), topics, tmp_path)
     part = device.store.partial(sha, len(data), CHUNK)
     part.write(0, data[:CHUNK])
     part.write(2, data[2 * CHUNK : 3 * CHUNK])
@@ -217,7 +201,7 @@ def test_a_partial_download_resumes_over_multicast(
 
 def test_tampered_multicast_chunk_is_rejected_and_fetched_again(
     service_factory: Callable[..., ArtifactService],
-    connect: Callable[[], MqttTransport],
+    transports: Callable[[], MqttTransport],
     topics: Topics,
     tmp_path: Path,
 ) -> None:
@@ -225,7 +209,7 @@ def test_tampered_multicast_chunk_is_rejected_and_fetched_again(
     svc = service_factory(coalesce_s=1.0, coalesce_max_s=5.0)
     data = os.urandom(2 * CHUNK)
     sha = svc.store.put_bytes(data)
-    forger = connect()
+    forger = transports()
     forged = 0
 
     def forge(msg: MqttMessage) -> None:
@@ -246,7 +230,7 @@ def test_tampered_multicast_chunk_is_rejected_and_fetched_again(
         forged += 1
 
     forger.subscribe(topics.all_artifact_gets(), forge, qos=1, wait=True)
-    device = Device(connect(), topics, tmp_path)
+    device = Device(transports(), topics, tmp_path)
     assert device.download(sha, len(data)) == data
     assert forged == 2
     assert device.fetcher.bad_chunks == 2
@@ -256,14 +240,14 @@ def test_tampered_multicast_chunk_is_rejected_and_fetched_again(
 
 def test_without_multicast_the_old_unicast_path_serves(
     service_factory: Callable[..., ArtifactService],
-    connect: Callable[[], MqttTransport],
+    transports: Callable[[], MqttTransport],
     topics: Topics,
     tmp_path: Path,
 ) -> None:
     svc = service_factory()
     data = os.urandom(CHUNK + 5)
     sha = svc.store.put_bytes(data)
-    device = Device(connect(), topics, tmp_path, multicast=False)
+    device = Device(transports(), topics, tmp_path, multicast=False)
     assert device.download(sha, len(data)) == data
     stats = svc.stats()
     assert stats["chunks_served"] == 2 and stats["chunks_multicast"] == 0
@@ -328,7 +312,7 @@ def test_the_limit_still_bounds_a_held_batch() -> None:
 
 def test_a_bad_chunk_left_by_an_earlier_run_is_fetched_again(
     service_factory: Callable[..., ArtifactService],
-    connect: Callable[[], MqttTransport],
+    transports: Callable[[], MqttTransport],
     topics: Topics,
     tmp_path: Path,
 ) -> None:
@@ -338,7 +322,7 @@ def test_a_bad_chunk_left_by_an_earlier_run_is_fetched_again(
     svc = service_factory(coalesce_s=0.05)
     data = os.urandom(3 * CHUNK)
     sha = svc.store.put_bytes(data)
-    device = Device(connect(), topics, tmp_path)
+    device = Device(transports(), topics, tmp_path)
     part = device.store.partial(sha, len(data), CHUNK)
     for index in range(3):
         good = data[index * CHUNK : (index + 1) * CHUNK]

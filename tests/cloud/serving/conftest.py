@@ -4,15 +4,13 @@ MQTT transports that are always closed."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
-from fogline.protocol import MqttSettings, MqttTransport
 
 # 4 features -> 3 classes. The logits are x @ W: an input with one large feature is a
 # confident answer, an all-equal input an unsure one (softmax 1/3 each).
@@ -60,24 +58,6 @@ class Tiny:
 @pytest.fixture(scope="session")
 def tiny() -> Tiny:
     return Tiny(build_classifier(), CONFIDENT, UNSURE, reference)
-
-
-@pytest.fixture
-def transports(mqtt_settings: MqttSettings) -> Iterator[Callable[[], MqttTransport]]:
-    """Factory of connected transports, all closed at teardown."""
-    made: list[MqttTransport] = []
-
-    def make() -> MqttTransport:
-        transport = MqttTransport(mqtt_settings)
-        made.append(transport)
-        transport.connect()
-        return transport
-
-    try:
-        yield make
-    finally:
-        for transport in reversed(made):
-            transport.close()
 
 
 def _wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
