@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from fogline.edge import Admission
 from fogline.edge._routing import (
     CloudResult,
     CloudState,
@@ -44,6 +48,47 @@ def test_estimates() -> None:
     assert estimate_local_ms(LocalState()) is None
     assert estimate_cloud_ms(CLOUD) == 22.0
     assert estimate_cloud_ms(CloudState(available=True)) is None
+
+
+def test_local_estimate_counts_what_is_left_of_the_runs_in_flight() -> None:
+    # One slot, a run 15 ms into a 20 ms service: a new request waits 5 ms, not 20.
+    half_done = LocalState(in_flight=1, concurrency=1, service_ms=20.0, running_ms=(15.0,))
+    assert estimate_local_ms(half_done) == pytest.approx(25.0)
+    # Overdue runs count as about to finish (never negative); the queue still counts.
+    overdue = LocalState(queue_depth=1, in_flight=1, concurrency=1, service_ms=20.0,
+                         running_ms=(35.0,))
+    assert estimate_local_ms(overdue) == pytest.approx(40.0)
+    # Two slots: the work ahead is shared by both.
+    two = LocalState(in_flight=2, concurrency=2, service_ms=10.0, running_ms=(8.0, 4.0))
+    assert estimate_local_ms(two) == pytest.approx((2.0 + 6.0) / 2 + 10.0)
+    # The confident form adds the deviations to the service left as well.
+    jitter = replace(half_done, service_dev_ms=2.0)
+    assert estimate_local_ms(jitter, 2.0) == pytest.approx((24.0 - 15.0) + 24.0)
+    # Without progress figures each run in flight counts a whole service time.
+    assert estimate_local_ms(replace(half_done, running_ms=())) == pytest.approx(40.0)
+
+
+def test_a_device_half_way_through_a_run_keeps_a_request_it_can_serve_in_time() -> None:
+    busy = LocalState(in_flight=1, concurrency=1, service_ms=23.0, running_ms=(15.0,))
+    d = decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=40, local=busy, cloud=CLOUD)
+    assert d.target == "edge"
+    just_started = replace(busy, running_ms=(1.0,))
+    d = decide(policy=RoutingPolicy.LOCAL_FIRST, budget_ms=40, local=just_started, cloud=CLOUD)
+    assert d.target == "cloud"
+
+
+def test_admission_reports_how_long_each_run_in_flight_has_been_going() -> None:
+    adm = Admission(2, 0, 10.0)
+    assert adm.running_ms() == ()
+    adm.acquire(None)
+    time.sleep(0.02)
+    other = threading.Thread(target=adm.acquire, args=(None,))
+    other.start()
+    other.join()
+    oldest, newest = adm.running_ms()
+    assert oldest >= 20.0 > newest >= 0.0
+    adm.release("m", 1.0, 1.0, True)
+    assert len(adm.running_ms()) == 1
 
 
 def test_local_first_stays_local_when_the_local_estimate_meets_the_budget() -> None:
@@ -352,7 +397,6 @@ def test_confident_estimates_add_deviations_to_each_service_time() -> None:
 
 
 def test_admission_routing_estimate_is_robust_and_goes_stale() -> None:
-    from fogline.edge import Admission
 
     steady, jittery = Admission(1, 0, 10.0), Admission(1, 0, 10.0)
     for i in range(40):

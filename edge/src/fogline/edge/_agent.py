@@ -315,6 +315,7 @@ class Agent:
                 max_queue=a.max_queue,
                 service_ms=service_ms,
                 service_dev_ms=service_dev_ms,
+                running_ms=a.running_ms(),
             )
 
         started = _now()

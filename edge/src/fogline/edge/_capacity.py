@@ -14,7 +14,10 @@ The router reads :meth:`Admission.routing_estimate`: the median and median absol
 deviation of the last service times, robust to one slow run (a pause that an average
 would carry for dozens of requests). It goes stale when no run has finished for
 ``stale_s`` while nothing runs: a router that refuses everything because of an old
-estimate would otherwise never run again to learn better.
+estimate would otherwise never run again to learn better. It also reads
+:meth:`Admission.running_ms`, how long each run in flight has been going: a run half
+done frees its slot in half a service time, and counting it as a whole one made the
+router send requests away from a device that would have served them in time.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from threading import get_ident
 
 from fogline.protocol import CapacityError
 
@@ -75,6 +79,8 @@ class Admission:
         self._last_service_at: dict[str, float] = {}
         self.stale_s = 1.0
         self._latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
+        # When each run in flight took its slot, by thread (dict writes are atomic).
+        self._running: dict[int, float] = {}
 
     # -- hot path -------------------------------------------------------------------------
     def acquire(self, budget_ms: float | None) -> bool:
@@ -82,16 +88,19 @@ class Admission:
         Returns whether it had to wait."""
         try:
             self._tokens.get_nowait()
-            return False
+            waited = False
         except queue.Empty:
             self._wait(budget_ms)
-            return True
+            waited = True
+        self._running[get_ident()] = time.monotonic()
+        return waited
 
     def release(
         self, model: str, service_ms: float, latency_ms: float, ok: bool, met: bool | None = None
     ) -> None:
         """Give the slot back and record how the request went (``met``: whether it met
         its latency budget; None without a budget)."""
+        self._running.pop(get_ident(), None)
         self._tokens.put(None)
         log = self._log
         log.append((model, service_ms, latency_ms, ok, met))
@@ -184,6 +193,12 @@ class Admission:
             return None, 0.0
         median = statistics.median(recent)
         return median, statistics.median(abs(x - median) for x in recent)
+
+    def running_ms(self) -> tuple[float, ...]:
+        """How long (ms) each run in flight has held its slot, oldest first."""
+        now = time.monotonic()
+        starts = sorted(self._running.values())  # one C-level copy: atomic under the GIL
+        return tuple((now - t) * 1000.0 for t in starts)
 
     def expected_wait_ms(self, model: str) -> float:
         """Rough local queueing delay: requests ahead times the service time per slot."""

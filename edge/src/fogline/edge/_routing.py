@@ -9,9 +9,14 @@ cascade and falls back to local inference when the cloud fails.
 
 Estimates (milliseconds)::
 
-    local = (queue_depth + 1) * service / concurrency + service   (all slots busy)
-          = service                                             (a slot is free)
+    local = service                                             (a slot is free)
+          = (sum of what is left of the runs in flight
+             + queue_depth * service) / concurrency + service   (all slots busy)
     cloud = rtt_ewma + cloud_service_ewma
+
+What is left of a run in flight is the service time less how long it has been running
+(never below zero); when the agent does not say how long its runs have been going, the
+runs in flight count one service time in all.
 
 Each estimate comes in two forms: *typical* and *confident*, which adds
 :data:`CONFIDENT_DEVIATIONS` typical deviations to each service time (local: the median
@@ -191,6 +196,7 @@ class LocalState:
     service_dev_ms: float = 0.0  # its typical deviation
     error_ms: float = 0.0  # how late local answers come against the queue model, on average
     error_dev_ms: float = 0.0  # that error's mean deviation
+    running_ms: tuple[float, ...] = ()  # how long each run in flight has been going
 
     @property
     def saturated(self) -> bool:
@@ -225,7 +231,12 @@ def estimate_local_ms(local: LocalState, deviations: float = 0.0) -> float | Non
     service = local.service_ms + deviations * local.service_dev_ms
     model = service
     if local.in_flight >= local.concurrency or local.queue_depth > 0:
-        model += (local.queue_depth + 1) * service / max(1, local.concurrency)
+        running = local.running_ms
+        if len(running) == local.in_flight:
+            left = sum(max(0.0, service - elapsed) for elapsed in running)
+        else:  # unknown progress: about one service time until a slot frees
+            left = service
+        model += (left + local.queue_depth * service) / max(1, local.concurrency)
     # Only ever later: an early answer must not talk the router out of a queue it sees.
     return model + max(0.0, local.error_ms) + deviations * local.error_dev_ms
 
