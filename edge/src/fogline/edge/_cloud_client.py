@@ -13,7 +13,9 @@ spend in the cloud (0 until measured). So one probe refreshes both halves of the
 estimate: the round trip through broker and bridge, and the time in the cloud (a probe
 replaces the latter outright: it is the cloud's current view, fresher than any
 average). While the client is idle it probes its watched models every
-``probe_interval_s``; in half-open the probe is the breaker's trial.
+``probe_interval_s``; in half-open the probe is the breaker's trial. Rounds of probes
+that the cloud leaves unanswered (none there, or down) space out: the wait doubles
+after each, up to ``probe_backoff_max_s``, and any answer restores the interval.
 
 **Down or busy.** The :class:`CircuitBreaker` is for outages: a lost link, a reply
 saying the cloud is unavailable, or a timeout while the cloud has answered nothing since
@@ -142,6 +144,7 @@ class CloudClient:
         timeout_s: float = 2.0,
         probe_interval_s: float = 1.0,
         probe_timeout_s: float = 1.0,
+        probe_backoff_max_s: float = 30.0,
         watch: Iterable[str] = (),
         alpha: float = 0.2,
         unserved_ttl_s: float = 30.0,
@@ -155,6 +158,7 @@ class CloudClient:
         self.timeout_s = timeout_s
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
+        self.probe_backoff_max_s = probe_backoff_max_s
         self.unserved_ttl_s = unserved_ttl_s
         self.stats = CloudClientStats()
         self.reply_topic = topics.inbox(self.device_id, "infer")
@@ -170,6 +174,8 @@ class CloudClient:
         self._watched: set[str] = {validate_id(m, "model") for m in watch}
         self._last_sent = float("-inf")
         self._last_answer = float("-inf")  # when the cloud last answered a real request
+        self._last_reply = float("-inf")  # when the cloud last answered anything of ours
+        self._quiet_rounds = 0  # probe rounds in a row that the cloud left unanswered
         self._stop = threading.Event()
         self._prober: threading.Thread | None = None
         self._started = False
@@ -402,6 +408,8 @@ class CloudClient:
                 self.stats.stray_replies += 1
             else:
                 self.stats.replies += 1
+                self._last_reply = self._clock()
+                self._quiet_rounds = 0
             # Any answer to a real request (even a late one) shows the cloud is up.
             if entry is None or not entry.probe:
                 self._last_answer = self._clock()
@@ -412,8 +420,14 @@ class CloudClient:
     def _probe_wait(self) -> float:
         # Until the first answer, probe soon (a just-started agent should know its cloud
         # before its first budgeted request); a failing probe still waits its timeout.
+        # A cloud that answers no round is asked ever less often: every probe costs the
+        # device a publish and a wake-up, for nothing while there is no cloud.
         with self._lock:
             known = self._rtt.value is not None
+            quiet = self._quiet_rounds
+        if quiet:
+            cap = max(self.probe_interval_s, self.probe_backoff_max_s)
+            return min(self.probe_interval_s * 2.0 ** min(quiet, 32), cap)
         if known or not self.transport.connected or self.breaker.state != "closed":
             return self.probe_interval_s
         return min(self.probe_interval_s, 0.05)
@@ -430,6 +444,7 @@ class CloudClient:
                 continue
             if not self.breaker.would_allow():
                 continue
+            started = self._clock()
             for model in models:
                 if self._stop.is_set():
                     return
@@ -437,3 +452,6 @@ class CloudClient:
                     self.probe(model)
                 except FoglineError as exc:
                     log.debug("probe of %s failed: %s", model, exc.message)
+            with self._lock:
+                if self._last_reply < started:
+                    self._quiet_rounds += 1
