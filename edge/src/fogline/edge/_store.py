@@ -27,6 +27,10 @@ sha256 are the chunks hashed one by one against their claims (:meth:`bad_chunks`
 that just the bad ones are fetched again, as an immediate per-chunk check would have.
 Nothing is installed before the whole-file hash matches.
 
+Large chunks on the block grid are written with ``O_DIRECT`` (from a few reused aligned
+buffers; see :func:`_pwrite_direct`), others, and file systems without direct I/O,
+buffered; ``flush`` syncs both alike.
+
 A partial download holds no file descriptor between writes: with a fleet of agents in
 one process every descriptor counts (paho-mqtt's ``select()`` loop cannot use
 descriptor numbers of 1024 and above).
@@ -35,9 +39,11 @@ descriptor numbers of 1024 and above).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
+import mmap
 import os
 import threading
 from dataclasses import asdict, dataclass, field
@@ -51,6 +57,98 @@ __all__ = ["InstalledModel", "ModelStore", "PartialArtifact", "atomic_write"]
 log = logging.getLogger("fogline.edge.store")
 
 _HOLD_BYTES = 16 * 1024 * 1024  # chunks written ahead of the hash, kept for it
+_DIRECT_MIN = 256 * 1024  # chunks from this size on are written with O_DIRECT
+_DIRECT_ALIGN = 4096  # offset, length and memory alignment a direct write keeps to
+_DIRECT_BUFFERS = 8  # aligned buffers at most (direct writes at once, per process)
+
+
+class _AlignedBuffers:
+    """Page-aligned scratch buffers for direct writes, made on demand and reused: a
+    fresh megabyte costs a few hundred page faults per chunk. At most ``limit`` exist;
+    a writer finding them all in use waits for one (the disk does not write faster
+    for more writes at once). A device uses one; a process running many simulated
+    agents shares these few between all of them (scratch memory only: each write
+    copies its chunk in, writes it out and gives the buffer back)."""
+
+    def __init__(self, limit: int) -> None:
+        self._cond = threading.Condition()
+        self._free: list[mmap.mmap] = []
+        self._made = 0
+        self._limit = limit
+
+    def take(self, size: int) -> mmap.mmap:
+        with self._cond:
+            while True:
+                for i, buf in enumerate(self._free):
+                    if len(buf) >= size:
+                        return self._free.pop(i)
+                if self._made < self._limit:
+                    self._made += 1
+                    break
+                if self._free:  # all too small: replace one
+                    self._free.pop().close()
+                    self._made -= 1
+                    continue
+                self._cond.wait()
+        try:
+            return mmap.mmap(-1, -(-size // (64 * 1024)) * 64 * 1024)
+        except BaseException:
+            with self._cond:
+                self._made -= 1
+                self._cond.notify()
+            raise
+
+    def give(self, buf: mmap.mmap) -> None:
+        with self._cond:
+            self._free.append(buf)
+            self._cond.notify()
+
+
+_BUFFERS = _AlignedBuffers(_DIRECT_BUFFERS)
+_direct_ok = hasattr(os, "O_DIRECT")  # False once a file system refused it
+
+
+def _pwrite_direct(path: Path, data: bytes, offset: int, end_of_file: int | None) -> bool:
+    """Write ``data`` at ``offset`` with O_DIRECT, from an aligned copy padded to a
+    whole block; with ``end_of_file`` (the chunk is the file's last) the padding is cut
+    off again. False (nothing written) where the file system refuses direct I/O.
+
+    Why: a buffered write of a megabyte allocates a few hundred new page-cache pages,
+    which costs the writer ~2-3 ms of CPU here (0.04 ms to overwrite cached pages), and
+    ``flush`` then syncs them anyway. A direct write goes from one reused buffer to the
+    disk: the download does not fill the page cache of a small device either."""
+    global _direct_ok
+    padded = -(-len(data) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+    buf = _BUFFERS.take(padded)
+    try:
+        buf[: len(data)] = data
+        if padded > len(data):  # beyond the end of the file, cut off below
+            buf[len(data) : padded] = bytes(padded - len(data))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            _direct_ok = False  # e.g. tmpfs: buffered from now on
+            return False
+        try:
+            with memoryview(buf) as view:
+                try:
+                    written = os.pwrite(fd, view[:padded], offset)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    _direct_ok = False
+                    return False
+                while written < padded:  # short writes are rare; keep to whole blocks
+                    written += os.pwrite(fd, view[written:padded], offset + written)
+            if end_of_file is not None and padded > len(data):
+                os.ftruncate(fd, end_of_file)
+        finally:
+            os.close(fd)
+    finally:
+        _BUFFERS.give(buf)
+    return True
 
 
 def _fsync_dir(path: Path) -> None:
@@ -199,11 +297,19 @@ class PartialArtifact:
             raise ArtifactError(f"chunk {index} is {len(data)} bytes; expected {length}")
         if self._closed:
             raise ArtifactError(f"partial artifact {self.sha256[:12]} is closed")
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            os.pwrite(fd, data, offset)
-        finally:
-            os.close(fd)
+        last = offset + length == self.size
+        if not (
+            _direct_ok
+            and length >= _DIRECT_MIN
+            and offset % _DIRECT_ALIGN == 0
+            and (last or length % _DIRECT_ALIGN == 0)  # padding must not touch the next
+            and _pwrite_direct(self.path, data, offset, self.size if last else None)
+        ):
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.pwrite(fd, data, offset)
+            finally:
+                os.close(fd)
         self.done.add(index)
         if claimed_sha256 is None:
             self.claims.pop(index, None)
