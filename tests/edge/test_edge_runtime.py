@@ -178,6 +178,73 @@ def test_admission_queues_within_budget_and_refuses_beyond() -> None:
     assert adm.service_estimate_ms("m") is not None
 
 
+def _queue_one(adm: Admission, order: list[int], i: int) -> threading.Thread:
+    """Start a thread that waits for a slot, records its turn and gives the slot back;
+    returns once it is queued."""
+
+    def waiter() -> None:
+        adm.acquire(5000)
+        order.append(i)
+        adm.release("m", 1.0, 1.0, True)
+
+    depth = adm.queue_depth
+    t = threading.Thread(target=waiter)
+    t.start()
+    while adm.queue_depth == depth:
+        threading.Event().wait(0.001)
+    return t
+
+
+def test_admission_serves_waiters_first_come_first_served() -> None:
+    adm = Admission(max_in_flight=1, max_queue=16, default_max_wait_ms=50)
+    adm.acquire(None)
+    order: list[int] = []
+    threads = [_queue_one(adm, order, i) for i in range(8)]
+    # A newcomer finds the slot busy and queues last, even if it asks as a slot frees.
+    adm.release("m", 1.0, 1.0, True)
+    adm.acquire(5000)
+    order.append(99)
+    adm.release("m", 1.0, 1.0, True)
+    for t in threads:
+        t.join(timeout=5)
+    assert order == [*range(8), 99]
+    snap = adm.snapshot()
+    assert snap.in_flight == 0 and snap.queue_depth == 0 and snap.refused == 0
+
+
+def test_admission_loses_no_slot_under_contention() -> None:
+    # Many threads racing for two slots, some timing out: every slot comes back, and
+    # every request either ran or was refused with a CapacityError.
+    adm = Admission(max_in_flight=2, max_queue=64, default_max_wait_ms=50)
+    ran, refused = [0], [0]
+    lock = threading.Lock()
+
+    def worker(k: int) -> None:
+        for j in range(200):
+            try:
+                adm.acquire(0.2 if (k + j) % 7 == 0 else 1000)
+            except CapacityError:
+                with lock:
+                    refused[0] += 1
+                continue
+            with lock:
+                ran[0] += 1
+            adm.release("m", 0.01, 0.01, True)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert ran[0] + refused[0] == 16 * 200
+    snap = adm.snapshot()
+    assert snap.in_flight == 0 and snap.queue_depth == 0 and snap.refused == refused[0]
+    # Both slots are free again.
+    adm.acquire(None)
+    adm.acquire(None)
+    assert adm.in_flight == 2
+
+
 def test_latency_percentiles_match_numpy_linear_definition() -> None:
     rng = np.random.default_rng(0)
     for n in (1, 2, 3, 10, 101, 2048):
