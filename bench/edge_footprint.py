@@ -11,6 +11,14 @@ the ed25519 backend (PyNaCl, else cryptography) loads only then, so this is the 
 memory of an agent in steady state with a broker. Another makes the same check with
 ``cryptography`` (PyNaCl hidden): what the fallback backend costs.
 
+The library floor is the baseline plus the third-party libraries the agent is built on,
+each doing the least the agent does with it (pydantic: one strict model built and used;
+paho-mqtt: one client; msgpack: one round trip; PyNaCl: one signature checked), then
+the stdlib modules it needs (sqlite3 for the outbox, http.server for the v2 API), and
+no Fogline code: no agent on this stack can use less. The process also reports RSS
+after each step (imported in that order, so a module two libraries share counts for the
+first), which is where the floor's memory goes.
+
 Every process runs as an installed agent does, with compiled ``.pyc`` files: the
 development environment sets PYTHONDONTWRITEBYTECODE and installs Fogline editable, so
 without this each start would compile Fogline's sources again. The caches go to a
@@ -59,6 +67,43 @@ so = ort.SessionOptions(); so.intra_op_num_threads = 1; so.inter_op_num_threads 
 s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
 s.run(None, {"input": np.zeros((1, 1, 8, 8), np.float32)})
 print("ready", flush=True)
+time.sleep(60)
+"""
+
+# Baseline + the agent's libraries doing their minimum, no Fogline code (see the docstring).
+_FLOOR = """
+import json, sys, time
+from pathlib import Path
+def resident():  # the fields of resident() below, read in-process
+    f = dict(l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines())
+    kb = {k: int(f[k].split()[0]) for k in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}
+    return [kb["VmRSS"] / 1024, kb["RssAnon"] / 1024, (kb["RssFile"] + kb["RssShmem"]) / 1024]
+steps = []
+import numpy as np, onnxruntime as ort
+so = ort.SessionOptions(); so.intra_op_num_threads = 1; so.inter_op_num_threads = 1
+s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+s.run(None, {"input": np.zeros((1, 1, 8, 8), np.float32)})
+steps.append(["baseline", *resident()])
+from pydantic import BaseModel, ConfigDict
+class Probe(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    x: int
+Probe.model_validate({"x": 1}).model_dump()
+steps.append(["pydantic", *resident()])
+import paho.mqtt.client as mqtt
+mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="floor")
+steps.append(["paho-mqtt", *resident()])
+import msgpack
+msgpack.unpackb(msgpack.packb({"x": 1}))
+steps.append(["msgpack", *resident()])
+import nacl.signing
+key = nacl.signing.SigningKey(bytes(32))
+key.verify_key.verify(key.sign(b"release"))
+steps.append(["pynacl", *resident()])
+import http.server, sqlite3
+db = sqlite3.connect(":memory:"); db.execute("create table t (x)"); db.close()
+steps.append(["sqlite3 + http.server", *resident()])
+print(json.dumps({"steps": steps}), flush=True)
 time.sleep(60)
 """
 
@@ -179,23 +224,31 @@ def run_agent(
     }
 
 
-def run_baseline(model: Path, pycache: Path) -> dict[str, float]:
+def run_baseline(model: Path, pycache: Path, code: str = _BASELINE) -> dict[str, float]:
+    """The baseline process, or with ``code=_FLOOR`` the library floor (whose RSS after
+    each step is returned too, as ``step:<name>`` keys)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-c", _BASELINE, str(model)],
+        [sys.executable, "-c", code, str(model)],
         stdout=subprocess.PIPE,
         env=subprocess_env(pycache),
     )
     try:
         assert proc.stdout is not None
-        proc.stdout.readline()
+        line = proc.stdout.readline()
         ready_s = time.perf_counter() - t0
         time.sleep(0.3)
         rss, anon, file = resident(proc.pid)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    return {"ready_s": ready_s, "rss_mb": rss, "anon_mb": anon, "file_mb": file}
+    row = {"ready_s": ready_s, "rss_mb": rss, "anon_mb": anon, "file_mb": file}
+    if code == _FLOOR:
+        for name, step_rss, step_anon, step_file in json.loads(line)["steps"]:
+            row[f"step:{name}"] = step_rss
+            row[f"step_anon:{name}"] = step_anon
+            row[f"step_file:{name}"] = step_file
+    return row
 
 
 def versions() -> dict[str, str]:
@@ -230,6 +283,7 @@ def main() -> None:
         "agent_http_verified": [],
         "agent_http_no_pyc": [],
         "agent_http_verified_cryptography": [],
+        "library_floor": [],
     }
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -244,6 +298,7 @@ def main() -> None:
         pycache = tmp / "pycache"
         # Unmeasured: fill the .pyc cache, as an install does.
         run_baseline(model, pycache)
+        run_baseline(model, pycache, _FLOOR)
         run_agent(tmp, True, pycache, verify)
         run_agent(tmp, True, pycache, verify_fallback)
         for _ in range(args.runs):  # interleaved, so load changes hit all variants alike
@@ -255,9 +310,27 @@ def main() -> None:
             rows["agent_http_verified_cryptography"].append(
                 run_agent(tmp, True, pycache, verify_fallback)
             )
+            rows["library_floor"].append(run_baseline(model, pycache, _FLOOR))
 
     def med(name: str, key: str) -> float:
         return round(statistics.median(r[key] for r in rows[name]), 3)
+
+    def floor_steps() -> dict[str, list[float]]:
+        """Median RSS after each step of the floor process, and what the step added:
+        [RSS, +RSS, +anon, +file-backed] in MB."""
+        names = [k.split(":", 1)[1] for k in rows["library_floor"][0] if k.startswith("step:")]
+        out: dict[str, list[float]] = {}
+        last: tuple[float, float, float] | None = None
+        for name in names:
+            now = (
+                med("library_floor", f"step:{name}"),
+                med("library_floor", f"step_anon:{name}"),
+                med("library_floor", f"step_file:{name}"),
+            )
+            added = [round(a - b, 1) for a, b in zip(now, last, strict=True)] if last else [0.0] * 3
+            out[name] = [round(now[0], 1), *added]
+            last = now
+        return out
 
     result: dict[str, object] = {
         "model": "onnx.helper CNN 1x1x8x8 -> 10 (stand-in for the reference CNN)",
@@ -277,6 +350,13 @@ def main() -> None:
             med("agent_http_verified", "rss_mb") - med("baseline", "rss_mb"), 1
         ),
         "target_rss_mb": TARGET_RSS_MB,
+        "library_floor_rss_mb": med("library_floor", "rss_mb"),
+        "library_floor_anon_mb": med("library_floor", "anon_mb"),
+        "library_floor_file_mb": med("library_floor", "file_mb"),
+        "library_floor_steps_mb": floor_steps(),
+        "agent_after_signature_check_over_floor_mb": round(
+            med("agent_http_verified", "rss_mb") - med("library_floor", "rss_mb"), 1
+        ),
         "baseline_anon_mb": med("baseline", "anon_mb"),
         "baseline_file_mb": med("baseline", "file_mb"),
         "agent_after_signature_check_anon_mb": med("agent_http_verified", "anon_mb"),
