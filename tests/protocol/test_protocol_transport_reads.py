@@ -114,6 +114,36 @@ def test_the_threshold_shrinks_with_the_rest(
     assert _lowat(reader) == 1
 
 
+def test_a_large_body_is_received_into_its_buffer_after_what_was_buffered(
+    tcp_pair: tuple[BufferedSocket, socket.socket],
+) -> None:
+    """paho's reader (the transport's) takes a large body with recv_into: first the
+    bytes an earlier read brought in, then straight from the socket, with the same
+    wake-up threshold as recv, which never waits beyond the body's end."""
+    reader, peer = tcp_pair
+    body = os.urandom(2 * _LOWAT_MAX)
+    peer.sendall(b"\x30" + body[:5000])
+    assert _wait_readable(reader)
+    assert reader.recv(1) == b"\x30"  # the header's read brought part of the body in
+    target = bytearray(len(body))
+    filled = 0
+    with memoryview(target) as view:
+        filled += reader.recv_into(view[filled:])
+        assert filled == 5000 and reader.pending() == 0
+        with pytest.raises(BlockingIOError):
+            reader.recv_into(view[filled:])
+        assert _lowat(reader) == _LOWAT_MAX
+        peer.sendall(body[5000:] + b"\x40\x02\x00\x01")  # and the next packet behind
+        while filled < len(body):
+            try:
+                filled += reader.recv_into(view[filled:])
+            except BlockingIOError:
+                assert _wait_readable(reader), "no data within the bound"
+    assert bytes(target) == body
+    assert _lowat(reader) == 1
+    assert _recv_exactly(reader, 4) == b"\x40\x02\x00\x01"  # nothing read beyond it
+
+
 def test_small_rests_are_read_as_they_come(
     tcp_pair: tuple[BufferedSocket, socket.socket],
 ) -> None:

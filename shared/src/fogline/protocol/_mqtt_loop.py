@@ -100,6 +100,28 @@ class BufferedSocket:
         self._needs(size - len(data))
         return data
 
+    def recv_into(self, view: memoryview) -> int:
+        """Like ``socket.recv_into``: for a large packet body read straight into the
+        packet's own buffer (no bytes object per piece, no copy to append it)."""
+        size = len(view)
+        available = len(self._data) - self._pos
+        if available > 0:
+            count = min(size, available)
+            with memoryview(self._data) as data:
+                view[:count] = data[self._pos : self._pos + count]
+            self._pos += count
+            if self._pos == len(self._data):
+                self._data, self._pos = b"", 0
+            self._needs(size - count)
+            return count
+        try:
+            count = self._sock.recv_into(view)
+        except BlockingIOError:
+            self._wait_for(size)
+            raise
+        self._needs(size - count)
+        return count
+
     def pending(self) -> int:
         """Bytes read from the socket that paho has not taken yet."""
         return len(self._data) - self._pos

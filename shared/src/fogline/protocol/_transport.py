@@ -25,6 +25,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.reasoncodes import ReasonCode
 
 from ._errors import (
@@ -127,6 +128,8 @@ def _strip_share(topic_filter: str) -> str:
 
 
 _ONE_COPY_MIN = 64 * 1024  # PUBLISH bodies from this size on are taken apart in place
+_BODY_INTO_MIN = 64 * 1024  # packet bodies from this size on are read into one buffer
+_MAX_READS = 100  # reads per call for one packet, as paho (a huge one yields meanwhile)
 
 
 class _Client(paho.Client):
@@ -142,6 +145,81 @@ class _Client(paho.Client):
         if type(sock) is socket.socket and sock.type == socket.SOCK_STREAM:
             return BufferedSocket(sock)
         return sock
+
+    def _packet_read(self) -> MQTTErrorCode:
+        # paho reads a body piece by piece (a fresh bytes object each, up to the whole
+        # rest's size) and appends each to the packet (a growing bytearray): for a 1 MiB
+        # chunk a dozen allocations and copies. Here a large body is received straight
+        # into a bytearray of its final size. Same states, results and errors as paho's.
+        sock = self._sock
+        if not isinstance(sock, BufferedSocket):
+            return super()._packet_read()
+        state = self._in_packet
+        try:
+            if state["command"] == 0:
+                command = sock.recv(1)
+                if not command:
+                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
+                state["command"] = command[0]
+            if state["have_remaining"] == 0:
+                while True:
+                    byte = sock.recv(1)
+                    if not byte:
+                        return MQTTErrorCode.MQTT_ERR_CONN_LOST
+                    state["remaining_count"].append(byte[0])
+                    if len(state["remaining_count"]) > 4:  # at most 4 bytes of length
+                        return MQTTErrorCode.MQTT_ERR_PROTOCOL
+                    state["remaining_length"] += (byte[0] & 127) * state["remaining_mult"]
+                    state["remaining_mult"] *= 128
+                    if not byte[0] & 128:
+                        break
+                state["have_remaining"] = 1
+                state["to_process"] = state["remaining_length"]
+                if state["remaining_length"] >= _BODY_INTO_MIN:
+                    state["packet"] = bytearray(state["remaining_length"])
+            packet = state["packet"]
+            into = state["remaining_length"] >= _BODY_INTO_MIN
+            reads = _MAX_READS
+            while state["to_process"] > 0:
+                if into:
+                    with memoryview(packet) as view:
+                        count = sock.recv_into(view[len(packet) - state["to_process"] :])
+                else:
+                    data = sock.recv(state["to_process"])
+                    count = len(data)
+                    packet += data
+                if count == 0:
+                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
+                state["to_process"] -= count
+                with self._msgtime_mutex:
+                    self._last_bytes_received = paho.time_func()
+                reads -= 1
+                if reads == 0:
+                    return MQTTErrorCode.MQTT_ERR_AGAIN
+        except BlockingIOError:
+            return MQTTErrorCode.MQTT_ERR_AGAIN
+        except OSError as err:
+            self._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+            return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        state["pos"] = 0
+        try:
+            rc = self._packet_handle()
+        except MalformedPacket as exc:
+            self._easy_log(paho.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
+            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._in_packet = {
+            "command": 0,
+            "have_remaining": 0,
+            "remaining_count": [],
+            "remaining_mult": 1,
+            "remaining_length": 0,
+            "packet": bytearray(b""),
+            "to_process": 0,
+            "pos": 0,
+        }
+        with self._msgtime_mutex:
+            self._last_bytes_received = paho.time_func()
+        return rc
 
     def _handle_publish(self) -> MQTTErrorCode:
         # paho slices the packet with struct.unpack twice (topic, then message id), each
