@@ -9,8 +9,10 @@ the process: the ONNX Runtime sessions of one device class (see
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +47,33 @@ class FleetSessionCache(SessionCache):
 
 class _SlowSession:
     """An ONNX Runtime session on a slower CPU: each run is followed by a sleep of
-    ``speed_factor - 1`` times its own duration. Sleeping, not spinning, so a hundred
-    slow devices do not burn the host's two cores; the request still holds its
-    in-flight slot for the whole time, so the agent's queueing, service-time estimate
-    and routing see the slow device exactly as they would see a slow CPU."""
+    ``speed_factor - 1`` times the typical duration of such a run on the host (the
+    median of the last runs with inputs of the same shapes). Sleeping, not spinning, so
+    a hundred slow devices do not burn the host's two cores; the request still holds
+    its in-flight slot for the whole time, so the agent's queueing, service-time
+    estimate and routing see the slow device exactly as they would see a slow CPU.
+
+    The typical run, not this run: a host run slowed by a busy host (other devices, or
+    a cloud tier on the same cores) would otherwise be slowed again ``speed_factor``
+    times over, a jitter no device of its own has; so host delays pass through once."""
+
+    _WINDOW = 64  # host runs per input shape the typical duration is taken from
 
     def __init__(self, session: Any, speed_factor: float) -> None:
         self._session = session
         self._extra = speed_factor - 1.0
+        self._recent: dict[tuple[tuple[int, ...], ...], deque[float]] = {}
 
     def run(self, output_names: Any, input_feed: Any, run_options: Any = None) -> Any:
         start = time.perf_counter()
         out = self._session.run(output_names, input_feed, run_options)
-        time.sleep((time.perf_counter() - start) * self._extra)
+        took = time.perf_counter() - start
+        key = tuple(tuple(getattr(v, "shape", ())) for v in input_feed.values())
+        recent = self._recent.get(key)
+        if recent is None:
+            recent = self._recent.setdefault(key, deque(maxlen=self._WINDOW))
+        recent.append(took)
+        time.sleep(statistics.median(recent) * self._extra)
         return out
 
     def __getattr__(self, name: str) -> Any:
