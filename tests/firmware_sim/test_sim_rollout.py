@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +38,9 @@ def cloud(
         transport.close()
 
 
-def _fleet(url: str, key: str, topics: Topics, root: Path, devices: int) -> SimulatedFleet:
+def _fleet(
+    url: str, key: str, topics: Topics, root: Path, devices: int, per_thread: int = 1
+) -> SimulatedFleet:
     return SimulatedFleet(
         devices=devices,
         profile_mix={"jetson-like": 1.0},
@@ -51,23 +54,33 @@ def _fleet(url: str, key: str, topics: Topics, root: Path, devices: int) -> Simu
         link_emulation=False,
         flaps=False,
         control=False,
+        agents_per_network_thread=per_thread,
     )
 
 
+@pytest.mark.parametrize("per_thread", [1, 8])
 def test_forty_agents_in_one_process_all_install_a_multi_chunk_release(
     no_thread_left: None,  # first, so it checks after the service has closed
     cloud: ArtifactService,
     mqtt_settings: MqttSettings,
     sim_topics: Topics,
     tmp_path: Path,
+    per_thread: int,
 ) -> None:
+    """Also with network threads shared by 8 agents each (each its own connection)."""
     kit = ReleaseKit(sim_topics)
     data = build_model(seed=3, channels=24)  # ~50 KB
     sha = cloud.store.put_bytes(data)
     chunk = 16 * 1024  # several chunks per agent, several pieces per artifact
-    fleet = _fleet(mqtt_settings.url, kit.public_key, sim_topics, tmp_path / "fleet", AGENTS)
+    fleet = _fleet(
+        mqtt_settings.url, kit.public_key, sim_topics, tmp_path / "fleet", AGENTS, per_thread
+    )
     with fleet:
         assert not fleet.wait_connected(60)
+        shared = [
+            t for t in threading.enumerate() if t.name.startswith("paho-mqtt-client-fogline-sim")
+        ]
+        assert len(shared) == (AGENTS // per_thread if per_thread > 1 else 0)
         publish(
             cloud.transport,
             sim_topics.release("digits", 1),

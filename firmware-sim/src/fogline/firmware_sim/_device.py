@@ -18,6 +18,7 @@ from typing import Any
 
 from fogline.edge import Agent, AgentConfig, SessionCache
 from fogline.protocol import FoglineError
+from fogline.protocol._mqtt_loop import LoopGroup, sharing
 
 from ._ledger import DeviceSnapshot
 from ._link import LinkEmulator
@@ -114,6 +115,7 @@ class SimDevice:
         sensor: DigitSensor,
         cache: SessionCache,
         link: LinkEmulator | None,
+        loops: LoopGroup | None = None,
     ) -> None:
         self.device_id = config.device_id
         self.profile = profile
@@ -121,6 +123,7 @@ class SimDevice:
         self.sensor = sensor
         self._cache = cache
         self._link = link
+        self._loops = loops  # network threads shared with other devices, if any
         self._lock = threading.RLock()
         self.agent: Agent | None = None
         self.restarts = 0
@@ -132,7 +135,8 @@ class SimDevice:
             if self.agent is not None:
                 return
             agent = Agent(self.config, session_cache=self._cache)
-            agent.start()
+            with sharing(self._loops):  # its transport is made and started here
+                agent.start()
             self.agent = agent
 
     def stop(self) -> None:

@@ -16,6 +16,13 @@ Shared across the process (and why that is honest):
   run (see :class:`SlowSessionCache`); no agent runs an HTTP server.
 - One event loop thread for every device's link relay, one traffic scheduler with a
   small worker pool, one fault scheduler.
+- With ``agents_per_network_thread`` above 1 (default 1: a thread each, as on a
+  device), the MQTT network threads: each serves that many devices' connections
+  (``fogline.protocol._mqtt_loop.LoopGroup``). Every device still has its own
+  connection, session, subscriptions and packets, read and acknowledged as before;
+  only the thread is shared, which saves the host hundreds of threads handing the
+  GIL to each other for every packet. Handlers of one device then hold up the
+  others' reading: meant for rollouts, not for inference load.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from fogline.protocol import (
     Identifier,
     MqttSettings,
 )
+from fogline.protocol._mqtt_loop import LoopGroup
 
 from ._control import ControlServer
 from ._device import FleetSessionCache, SimDevice, SlowSessionCache
@@ -116,6 +124,8 @@ class FleetConfig(BaseModel):
     groups: list[Identifier] = Field(default_factory=list, max_length=16)
     routing_policy: str | None = None
     driver_threads: int = Field(default=8, ge=1, le=512)
+    #: Devices whose MQTT connections one network thread serves (see the module text).
+    agents_per_network_thread: int = Field(default=1, ge=1, le=1000)
     control: bool = True
     #: Model -> input tensor name, where it cannot be learned from a served model.
     input_names: dict[Identifier, str] = Field(default_factory=dict)
@@ -184,6 +194,11 @@ class SimulatedFleet:
         self._started_at: float | None = None
         self._stopped_at: float | None = None
         self._lock = threading.Lock()
+        self._loops = (
+            LoopGroup(self.config.agents_per_network_thread, name="fogline-sim")
+            if self.config.agents_per_network_thread > 1
+            else None
+        )
         self._agent_configs = self._build_configs()
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -248,7 +263,9 @@ class SimulatedFleet:
                 mqtt = config.mqtt.model_copy(update={"url": f"mqtt://127.0.0.1:{port}"})
                 config = config.model_copy(update={"mqtt": mqtt})
             sensor = DigitSensor(cfg.sensor, seed=cfg.seed * 100_003 + index)
-            device = SimDevice(profile, config, sensor, caches[profile.name], self._link)
+            device = SimDevice(
+                profile, config, sensor, caches[profile.name], self._link, self._loops
+            )
             self.ledger.add_device(config.device_id, profile.name, profile.device_class)
             self.devices[config.device_id] = device
             device.start()

@@ -26,24 +26,39 @@ Who does what:
   (jitter), so a fleet does not reconnect in lock-step after a broker restart.
 
 The thread starts with its transport and stops, joined, when the transport closes.
+
+A process that runs many simulated devices may share loops between their transports
+(:class:`LoopGroup`, :func:`sharing`: transports made in that context take a place on
+one of the group's loops, each loop serving up to ``per_loop`` of them, and it stops
+with the last of them). Each transport keeps its own connection, socket, session and
+packets; only the thread that reads and writes them is shared. It is not the default
+for the reasons above (handlers of one client hold up the others' reading).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import random
 import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 
-__all__ = ["BufferedSocket", "Connection", "NetworkLoop"]
+__all__ = [
+    "BufferedSocket",
+    "Connection",
+    "LoopGroup",
+    "NetworkLoop",
+    "current_loop_group",
+    "sharing",
+]
 
 log = logging.getLogger("fogline.transport")
 
@@ -458,3 +473,66 @@ class NetworkLoop:
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
+
+
+class LoopGroup:
+    """Network loops shared by the transports made under :func:`sharing`: each takes a
+    place on the first loop with room (``per_loop`` transports at most), a loop starts
+    with its first transport and stops, joined, with its last."""
+
+    def __init__(self, per_loop: int, name: str = "shared") -> None:
+        if per_loop < 1:
+            raise ValueError("per_loop must be at least 1")
+        self.per_loop = per_loop
+        self._name = name
+        self._lock = threading.Lock()
+        self._users: dict[NetworkLoop, int] = {}  # running loops, in start order
+        self._made = 0
+
+    def acquire(self) -> NetworkLoop:
+        with self._lock:
+            for loop, users in self._users.items():
+                if users < self.per_loop:
+                    self._users[loop] = users + 1
+                    return loop
+            self._made += 1
+            loop = NetworkLoop(f"{self._name}-{self._made}")
+            loop.start()
+            self._users[loop] = 1
+            return loop
+
+    def release(self, loop: NetworkLoop, timeout: float) -> None:
+        with self._lock:
+            users = self._users.get(loop, 0) - 1
+            if users > 0:
+                self._users[loop] = users
+                return
+            self._users.pop(loop, None)
+        loop.stop()
+        loop.join(timeout)
+
+    @property
+    def loops(self) -> int:
+        """Loops running now."""
+        with self._lock:
+            return len(self._users)
+
+
+_GROUP: contextvars.ContextVar[LoopGroup | None] = contextvars.ContextVar(
+    "fogline_mqtt_loop_group", default=None
+)
+
+
+def current_loop_group() -> LoopGroup | None:
+    """The group transports made now share loops in (None: each gets its own)."""
+    return _GROUP.get()
+
+
+@contextlib.contextmanager
+def sharing(group: LoopGroup | None) -> Iterator[None]:
+    """Transports made in this context (this thread) use ``group``'s loops."""
+    token = _GROUP.set(group)
+    try:
+        yield
+    finally:
+        _GROUP.reset(token)

@@ -37,7 +37,7 @@ from ._errors import (
     SubscribeError,
     TransportError,
 )
-from ._mqtt_loop import BufferedSocket, Connection, NetworkLoop
+from ._mqtt_loop import BufferedSocket, Connection, NetworkLoop, current_loop_group
 from ._mqtt_settings import MqttSettings, Will, check_client_id, tls_context
 
 __all__ = ["Handler", "MqttMessage", "MqttSettings", "MqttTransport", "Will"]
@@ -287,6 +287,8 @@ class MqttTransport:
         self._closed = False
         self._loop: NetworkLoop | None = None
         self._conn: Connection | None = None
+        # Made under _mqtt_loop.sharing(): the network thread is one of a group's.
+        self._group = current_loop_group()
 
         v5 = settings.protocol == "5"
         self._client = _Client(
@@ -345,8 +347,11 @@ class MqttTransport:
             )
         except ValueError as exc:
             raise ConfigError(f"mqtt settings: {exc}") from None
-        self._loop = NetworkLoop(self.client_id)
-        self._loop.start()
+        if self._group is not None:
+            self._loop = self._group.acquire()
+        else:
+            self._loop = NetworkLoop(self.client_id)
+            self._loop.start()
         self._conn = Connection(
             self._client,
             name=self.client_id,
@@ -389,8 +394,11 @@ class MqttTransport:
                 worker = conn.last_worker
                 if worker is not None:
                     worker.join(timeout)
-            loop.stop()
-            loop.join(timeout)
+            if self._group is not None:
+                self._group.release(loop, timeout)
+            else:
+                loop.stop()
+                loop.join(timeout)
         self._connected.clear()
 
     def __enter__(self) -> MqttTransport:
