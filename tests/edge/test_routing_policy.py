@@ -23,6 +23,7 @@ from fogline.edge._routing import (
     decide,
     estimate_cloud_ms,
     estimate_local_ms,
+    service_periods,
     should_escalate,
     top1_confidence,
 )
@@ -454,3 +455,52 @@ def test_local_calibration_starts_afresh_when_the_local_figures_go_stale() -> No
                         budget_ms=30).target == "edge"
     assert router.route("m", {}, lambda: local_answer([1, 0]), local=IDLE,
                         budget_ms=30).target == "edge"
+
+
+def test_local_calibration_covers_the_tail_and_ignores_one_outlier() -> None:
+    now = [0.0]
+    cloud = FakeCloud()
+    router = Router(RoutingSettings(), cloud, clock=lambda: now[0])
+    lateness = iter([0.0] * 9 + [0.020])  # one answer in ten comes 20 ms late
+
+    def jittery_local() -> LocalResult:
+        now[0] += 0.005 + next(lateness, 0.0)
+        return local_answer([1, 0])
+
+    for _ in range(10):
+        lateness = iter([0.0] * 9 + [0.020])
+        for _ in range(10):
+            router.route("m", {}, jittery_local, local=IDLE, budget_ms=200)
+    # Typically on time (5 ms), but surely only within 25 ms: a 24 ms budget is no
+    # sure thing locally, so it goes to the cloud (sure within 22 ms), a 30 ms one stays.
+    cloud.calls.clear()
+    assert router.route("m", {}, lambda: local_answer([1, 0]), local=IDLE,
+                        budget_ms=30).target == "edge"
+    assert router.route("m", {}, lambda: local_answer([1, 0]), local=IDLE,
+                        budget_ms=24).target == "cloud"
+    # One pause among steady answers moves neither quantile for good.
+    steady = Router(RoutingSettings(), FakeCloud(), clock=lambda: now[0])
+    lateness = iter([0.0] * 60 + [0.150] + [0.0] * 60)
+    for _ in range(121):
+        steady.route("m", {}, jittery_local, local=IDLE, budget_ms=200)
+    assert steady.route("m", {}, lambda: local_answer([1, 0]), local=IDLE,
+                        budget_ms=8).target == "edge"
+
+
+def test_local_calibration_scales_with_the_queue_ahead() -> None:
+    now = [0.0]
+    router = Router(RoutingSettings(on_no_path="refuse"), None, clock=lambda: now[0])
+
+    def late_local() -> LocalResult:  # every answer 2 ms later than the model says
+        now[0] += 0.007
+        return local_answer([1, 0])
+
+    for _ in range(40):
+        router.route("m", {}, late_local, local=IDLE, budget_ms=200)
+    # 2 ms per service period: with 4 queued behind one in flight (6 periods, 30 ms
+    # modelled), a request is expected 12 ms late: 42 ms, over a 40 ms budget.
+    queued = LocalState(queue_depth=4, in_flight=1, concurrency=1, service_ms=5.0)
+    assert service_periods(queued) == 6.0 and service_periods(IDLE) == 1.0
+    with pytest.raises(BudgetExceededError):
+        router.route("m", {}, late_local, local=queued, budget_ms=40)
+    assert router.route("m", {}, late_local, local=queued, budget_ms=45).target == "edge"
