@@ -50,7 +50,14 @@ from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 from rich.table import Table
 
-from fogline.edge import Agent, InstalledModel, ModelStore, SessionCache, load_config
+from fogline.edge import (
+    Agent,
+    CloudClient,
+    InstalledModel,
+    ModelStore,
+    SessionCache,
+    load_config,
+)
 from fogline.firmware_sim import SlowSessionCache, load_profiles
 from fogline.protocol import (
     FoglineError,
@@ -315,15 +322,17 @@ def main() -> None:
             f"cloud round trip {cloud.rtt_ms or 0:.1f} ms + service "
             f"{cloud.service_ms(MODEL) or 0:.1f} ms (one-way delay {args.delay_ms:.0f} ms)"
         )
+        idle_rtt_ms = cloud.rtt_ms or 0.0
         for load in args.loads:
             for policy in args.policies:
                 row = run_load(policy, capacity * load, args.duration, agent, x, load)
                 rows.append(row)
                 console.print(f"{load}x {policy}: met {row.met_budget:.3f}")
                 time.sleep(0.5)  # drain
-                # Each run starts from a closed breaker: one run's outage must not
-                # decide the next run's figures.
+                # Each run starts from a closed breaker and a drained cloud: one run's
+                # outage or backlog must not decide the next run's figures.
                 cloud.breaker.reset()
+                wait_for_drained_cloud(cloud, idle_rtt_ms)
         status = agent.status()
         console.print(
             f"agent: edge {status.edge_requests}, cloud {status.cloud_requests}, "
@@ -350,6 +359,20 @@ def main() -> None:
         broker.close()
         tmp.cleanup()
     report(rows, service, capacity, args, console)
+
+
+def wait_for_drained_cloud(cloud: CloudClient, idle_rtt_ms: float, limit_s: float = 10.0) -> None:
+    """Probe until the cloud answers about as fast as it did idle (a cloud-only run
+    above its capacity leaves a backlog of requests in the bridge for seconds)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            if cloud.probe(MODEL) <= 1.5 * idle_rtt_ms + 2.0:
+                return
+        except FoglineError:
+            pass
+        time.sleep(0.2)
+    log.warning("the cloud did not drain within %.0f s", limit_s)
 
 
 def start_cloud(

@@ -104,3 +104,22 @@ def test_an_answer_restores_the_probe_interval() -> None:
         assert transport.count(since=answered) >= 6
     finally:
         client.close()
+
+
+def test_a_fast_probe_resets_a_round_trip_raised_by_congestion() -> None:
+    transport = _FakeTransport()
+    transport.up = True
+    client = _client(transport, probe_interval_s=0.0)  # probes by hand only
+    client.start()
+    try:
+        with client._lock:
+            client._rtt.value = 400.0  # as left by requests queued in a congested cloud
+        measured = client.probe("m")
+        assert client.rtt_ms == measured < 400.0
+        # A slower probe is averaged in, not taken as it is.
+        with client._lock:
+            client._rtt.value = 0.001
+        client.probe("m")
+        assert client.rtt_ms is not None and client.rtt_ms < 1.0
+    finally:
+        client.close()

@@ -12,10 +12,12 @@ tensor named :data:`PROBE_INPUT`. The bridge answers it at once, without Serve, 
 spend in the cloud (0 until measured). So one probe refreshes both halves of the cloud
 estimate: the round trip through broker and bridge, and the time in the cloud (a probe
 replaces the latter outright: it is the cloud's current view, fresher than any
-average). While the client is idle it probes its watched models every
-``probe_interval_s``; in half-open the probe is the breaker's trial. Rounds of probes
-that the cloud leaves unanswered (none there, or down) space out: the wait doubles
-after each, up to ``probe_backoff_max_s``, and any answer restores the interval.
+average; a probe faster than the round-trip estimate replaces that too, since requests
+queued in a congested cloud had raised it). While the client is idle it probes its
+watched models every ``probe_interval_s``; in half-open the probe is the breaker's
+trial. Rounds of probes that the cloud leaves unanswered (none there, or down) space
+out: the wait doubles after each, up to ``probe_backoff_max_s``, and any answer
+restores the interval.
 
 **Down or busy.** The :class:`CircuitBreaker` is for outages: a lost link, a reply
 saying the cloud is unavailable, or a timeout while the cloud has answered nothing since
@@ -341,7 +343,13 @@ class CloudClient:
             if probe:
                 if reply.service_ms > 0:
                     service.value = reply.service_ms
-                self._rtt.update(rtt_ms)
+                # A probe skips the cloud's queue: one that comes back faster than the
+                # estimate shows the path has drained now (congested requests raised
+                # it), so it sets the figure; a slower one is averaged in as usual.
+                if self._rtt.value is not None and rtt_ms < self._rtt.value:
+                    self._rtt.value = rtt_ms
+                else:
+                    self._rtt.update(rtt_ms)
                 # The cloud's current view agrees with itself: a sample that missed by
                 # nothing, so a deviation left from a busy spell fades while no real
                 # request goes (it would otherwise keep the router away for good).
