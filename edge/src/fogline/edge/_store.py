@@ -3,7 +3,8 @@
     models/<model>/state.json         {"current": {...}, "previous": {...}}
     models/<model>/<version>-<sha>.onnx
     downloads/<sha>.part              a partial artifact, written at chunk offsets
-    downloads/<sha>.chunks            chunks on disk, one per line: index and the sha256
+    downloads/<sha>.chunks            first line "size <bytes> chunk_size <bytes>", then
+                                      chunks on disk, one per line: index and the sha256
                                       the chunk came with ("3 ab12..."; or "3": verified)
 
 Every write that matters is atomic: temp file, fsync, rename, fsync of the directory.
@@ -16,9 +17,11 @@ is therefore already on disk when it is installed: moving it into place needs on
 rename, and the ``fsync`` of the model directory that ``commit`` does for ``state.json``
 makes that rename durable too (same directory), before the model becomes current.
 The record itself is not synced: losing its tail only means fetching those chunks
-again, and a torn last line (no newline) is ignored. Likewise the
-``.meta`` file: without it the partial download is started over. The whole-file hash
-checked before install backs all of this up.
+again, and a torn last line (no newline) is ignored. A record without its first line
+(lost, torn, another chunking, or an older version's, whose sizes were in a ``.meta``
+file) starts the download over. The whole-file hash checked before install backs all
+of this up. (The sizes are in the record, not a file of their own, since creating,
+renaming and removing one more file per download was a good part of its metadata work.)
 
 One hash pass per byte: a chunk that comes with its own sha256 (an artifact service's
 ``ArtifactChunk.chunk_sha256``) is written and recorded with that claim, and its bytes
@@ -38,7 +41,6 @@ descriptor numbers of 1024 and above).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -238,7 +240,9 @@ class PartialArtifact:
         self.count = (size + chunk_size - 1) // chunk_size
         self.path = directory / f"{sha256}.part"
         self.record = directory / f"{sha256}.chunks"
-        self._meta = directory / f"{sha256}.meta"
+        self._legacy_meta = directory / f"{sha256}.meta"  # older versions' sizes
+        self._header = f"size {size} chunk_size {chunk_size}\n"
+        self._headed = False  # the record exists and starts with the header
         self.done: set[int] = set()
         self.claims: dict[int, str] = {}  # chunk index -> the sha256 it came with
         self._unsynced: list[int] = []  # written, not yet synced nor recorded
@@ -252,26 +256,25 @@ class PartialArtifact:
         self._open()
 
     def _open(self) -> None:
-        meta = {"size": self.size, "chunk_size": self.chunk_size}
         try:
-            same = json.loads(_read_file(self._meta)) == meta
-        except (OSError, ValueError):
-            same = False
-        if not same:  # another chunking, or the meta file was lost: start over
-            for p in (self.path, self.record):
-                p.unlink(missing_ok=True)
-            atomic_write(self._meta, json.dumps(meta).encode(), durable=False)
+            text = _read_file(self.record).decode(errors="replace")
+        except FileNotFoundError:  # nothing recorded: every chunk is (over)written anew
+            self._legacy_meta.unlink(missing_ok=True)
             return
-        with contextlib.suppress(FileNotFoundError):
-            # Only complete lines: a crash may leave a torn last one.
-            for line in _read_file(self.record).decode(errors="replace").split("\n")[:-1]:
-                index, _, claim = line.partition(" ")
-                if index.isdigit() and int(index) < self.count:
-                    self.done.add(int(index))
-                    if claim:
-                        self.claims[int(index)] = claim
-                    else:  # verified when written (or by an older version)
-                        self.claims.pop(int(index), None)
+        if not text.startswith(self._header):  # other sizes, torn, or an older version's
+            for p in (self.path, self.record, self._legacy_meta):
+                p.unlink(missing_ok=True)
+            return
+        self._headed = True
+        # Only complete lines: a crash may leave a torn last one.
+        for line in text[len(self._header) :].split("\n")[:-1]:
+            index, _, claim = line.partition(" ")
+            if index.isdigit() and int(index) < self.count:
+                self.done.add(int(index))
+                if claim:
+                    self.claims[int(index)] = claim
+                else:  # verified when written
+                    self.claims.pop(int(index), None)
 
     @property
     def missing(self) -> list[int]:
@@ -308,6 +311,10 @@ class PartialArtifact:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
             try:
                 os.pwrite(fd, data, offset)
+                # An earlier run may have stopped between a padded direct write of the
+                # last chunk and cutting the padding off.
+                if last and os.fstat(fd).st_size > self.size:
+                    os.ftruncate(fd, self.size)
             finally:
                 os.close(fd)
         self.done.add(index)
@@ -377,7 +384,8 @@ class PartialArtifact:
         lines = "".join(
             f"{i} {self.claims[i]}\n" if i in self.claims else f"{i}\n" for i in sorted(self.done)
         )
-        atomic_write(self.record, lines.encode(), durable=False)
+        atomic_write(self.record, (self._header + lines).encode(), durable=False)
+        self._headed = True
         self._hash = hashlib.sha256()
         self._hashed = 0
         self._held.clear()
@@ -397,11 +405,14 @@ class PartialArtifact:
         lines = "".join(
             f"{i} {self.claims[i]}\n" if i in self.claims else f"{i}\n" for i in self._unsynced
         )
+        if not self._headed:  # the first record of this download: the sizes go first
+            lines = self._header + lines
         fd = os.open(self.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
             _write_all(fd, lines.encode())
         finally:
             os.close(fd)
+        self._headed = True
         self._unsynced.clear()
 
     def close(self) -> None:
@@ -418,8 +429,9 @@ class PartialArtifact:
         self._unsynced.clear()
         self._held.clear()
         self._held_bytes = 0
-        for p in (self.path, self.record, self._meta):
+        for p in (self.path, self.record):
             p.unlink(missing_ok=True)
+        self._headed = False
         self.done.clear()
         self.claims.clear()
 
