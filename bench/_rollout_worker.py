@@ -48,6 +48,7 @@ def run_fleet(cfg: dict[str, Any]) -> None:
         link_emulation=False,
         flaps=False,
         control=False,
+        agents_per_network_thread=cfg.get("agents_per_thread", 1),
     )
     try:
         fleet.start(traffic=False)

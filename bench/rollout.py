@@ -17,6 +17,11 @@ per worker) and the floor with the same split (N subscribers over K processes); 
 artifact service and the publisher stay in this process. ``--processes 1`` runs only the
 single-process rows.
 
+``--agents-per-thread T`` (default 10; several values: a row each) lets one MQTT network
+thread serve T simulated agents' connections (``SimulatedFleet(agents_per_network_thread=T)``:
+each agent still has its own connection, session and packets; only the thread is
+shared, which a device, running one agent, does not need). ``1``: a thread per agent.
+
     .venv/bin/python bench/rollout.py                            # N = 50, 100, 200
     .venv/bin/python bench/rollout.py --sizes 50 100 200 --processes 4
     .venv/bin/python bench/rollout.py --sizes 200 --processes 1 4  # the same two splits
@@ -166,7 +171,12 @@ def workers(
 
 @contextmanager
 def local_fleet(
-    n: int, settings: MqttSettings, key: SigningKey, topics: Topics, root: Path
+    n: int,
+    settings: MqttSettings,
+    key: SigningKey,
+    topics: Topics,
+    root: Path,
+    agents_per_thread: int = 1,
 ) -> Iterator[Callable[[], tuple[float, float]]]:
     """N agents in this process; yields a function waiting until all serve v1."""
     fleet = SimulatedFleet(
@@ -182,6 +192,7 @@ def local_fleet(
         link_emulation=False,  # measure the system, not a simulated WAN
         flaps=False,
         control=False,
+        agents_per_network_thread=agents_per_thread,
     )
 
     def wait_done() -> tuple[float, float]:
@@ -207,6 +218,7 @@ def fogline_rollout(
     store: ArtifactStore,
     root: Path,
     processes: int = 1,
+    agents_per_thread: int = 1,
 ) -> tuple[float, float, dict[str, int]]:
     """Seconds from publish until all N serve v1, and the CPU seconds that took (this
     process, with the artifact service, plus the workers'; not the broker's)."""
@@ -217,9 +229,9 @@ def fogline_rollout(
     service = ArtifactService(cloud, store, topics=topics)
     cloud.connect()
     service.start()
-    data_root = root / f"fleet-{n}-{processes}p"
+    data_root = root / f"fleet-{n}-{processes}p-{agents_per_thread}t"
     if processes == 1:
-        agents = local_fleet(n, settings, key, topics, data_root)
+        agents = local_fleet(n, settings, key, topics, data_root, agents_per_thread)
     else:
         configs = [
             {
@@ -231,6 +243,7 @@ def fogline_rollout(
                 "version": 1,
                 "topic_prefix": topics.prefix,
                 "device_prefix": f"w{index}",
+                "agents_per_thread": agents_per_thread,
             }
             for index, share in enumerate(split(n, processes))
         ]
@@ -374,7 +387,18 @@ def main() -> None:
         help="K: also run with the agents (and the floor's subscribers) over K processes; "
         "several values: exactly those splits (e.g. 1 4)",
     )
+    parser.add_argument(
+        "--agents-per-thread",
+        type=int,
+        nargs="+",
+        default=[10],
+        help="simulated agents per MQTT network thread (SimulatedFleet's "
+        "agents_per_network_thread; 1: a thread each, as on a device); several values: "
+        "a row each",
+    )
     args = parser.parse_args()
+    if min(args.agents_per_thread) < 1:
+        parser.error("--agents-per-thread must be at least 1")
     if min(args.processes) < 1:
         parser.error("--processes must be at least 1")
     if len(args.processes) == 1:
@@ -396,20 +420,23 @@ def main() -> None:
             settings = MqttSettings(url=broker.url)
             store = ArtifactStore(root / "artifacts")
             for n in args.sizes:
-                for k in splits:
+                for k, t in [(k, t) for k in splits for t in args.agents_per_thread]:
                     if k == 1:
                         floor = paho_floor(n, settings, artifact)
                     else:
                         floor = paho_floor_split(n, settings, artifact, k)
                     try:
-                        fogline, cpu, stats = fogline_rollout(n, settings, artifact, store, root, k)
+                        fogline, cpu, stats = fogline_rollout(
+                            n, settings, artifact, store, root, k, t
+                        )
                     except ConfigError as exc:  # e.g. a hard RLIMIT_NOFILE too low for N
-                        print(f"N={n:4d} K={k}  not run: {exc}", flush=True)
+                        print(f"N={n:4d} K={k} T={t}  not run: {exc}", flush=True)
                         continue
                     service = f"{stats['chunks_multicast']} + {stats['chunks_served']}"
-                    rows.append((n, k, fogline, floor, service, cpu))
+                    rows.append((n, k, t, fogline, floor, service, cpu))
                     print(
-                        f"N={n:4d} K={k}  fogline {fogline:7.2f}s  paho floor {floor:6.2f}s  "
+                        f"N={n:4d} K={k} T={t:2d}  fogline {fogline:7.2f}s  "
+                        f"paho floor {floor:6.2f}s  "
                         f"ratio {fogline / floor:6.1f}x  cpu {cpu:6.2f}s  service: {service} "
                         f"(multicast + unicast) chunk publishes, "
                         f"{stats['requests_coalesced']} requests coalesced",
@@ -420,13 +447,14 @@ def main() -> None:
     print("load average at the end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print()
     print(
-        "| N | processes | Fogline publish -> all serve (s) | paho fan-out floor (s) | ratio "
+        "| N | processes | agents per network thread | Fogline publish -> all serve (s) "
+        "| paho fan-out floor (s) | ratio "
         "| Fogline CPU (s) | service chunk publishes (multicast + unicast) |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for n, k, fogline, floor, service, cpu in rows:
+    print("|---|---|---|---|---|---|---|---|")
+    for n, k, t, fogline, floor, service, cpu in rows:
         print(
-            f"| {n} | {k} | {fogline:.2f} | {floor:.2f} | {fogline / floor:.1f}x "
+            f"| {n} | {k} | {t} | {fogline:.2f} | {floor:.2f} | {fogline / floor:.1f}x "
             f"| {cpu:.2f} | {service} |"
         )
 
