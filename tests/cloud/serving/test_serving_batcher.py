@@ -95,7 +95,17 @@ def test_batcher_expected_time_follows_its_queue() -> None:
         batcher._recent_calls.extend([0.004, 0.005, 0.900])
         assert batcher.expected_s() == pytest.approx(0.005)
         batcher.fresh_s = 0.0
-        assert batcher.expected_s() == pytest.approx(min(batcher._recent_calls))
+        assert batcher.expected_s() == pytest.approx(
+            min(batcher._fastest_call, *batcher._recent_calls)
+        )
+        # After a long overload every recent call was slow: idle, the batcher still
+        # answers with the fastest call it made, or devices would never come back.
+        fastest = batcher._fastest_call
+        batcher._recent_calls.clear()
+        batcher._recent_calls.extend([0.300] * 32)
+        assert batcher.expected_s() == pytest.approx(fastest) and fastest < 0.3
+        batcher.fresh_s = 60.0
+        assert batcher.expected_s() == pytest.approx(0.300)  # not idle: the recent median
 
     asyncio.run(scenario())
 

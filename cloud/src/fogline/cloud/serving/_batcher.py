@@ -82,6 +82,7 @@ class ModelBatcher:
         self.skipped = 0  # abandoned before they were sent
         self.fresh_s = fresh_s
         self._recent_calls: deque[float] = deque(maxlen=32)  # one request's call time
+        self._fastest_call = float("inf")  # the fastest of them all, since the start
         self._last_finish = float("-inf")  # time.monotonic() of the last call's end
         self._queue: deque[_Item] = deque()
         self._running = 0
@@ -101,15 +102,17 @@ class ModelBatcher:
         away. With no call for ``fresh_s`` even that is old news: it may come from a
         burst that made clients stop sending, and would keep them away for good
         (nothing updates it without calls). So an idle batcher answers with the
-        fastest recent call, and the next real calls correct it if the cloud is
-        still slow."""
+        fastest call it has made: the fastest *recent* one was not enough, since after
+        a long overload every recent call was slow, devices kept refusing, and no
+        call came to bring the figure down (measured: a cloud left unused for whole
+        runs). The next real calls correct it if the cloud is still slow."""
         recent = list(self._recent_calls)
         call = self.overhead_s + self.item_s
         if self._running < self.max_calls:
             if not recent:
                 return call
             if time.monotonic() - self._last_finish > self.fresh_s:
-                return min(recent)
+                return min(self._fastest_call, min(recent))
             return statistics.median(recent)
         return call + self.overhead_s + (len(self._queue) + 1) * self.item_s
 
@@ -178,7 +181,9 @@ class ModelBatcher:
         a = self._alpha if self.calls > 1 else 1.0  # the first call sets the estimates
         self.item_s += a * (run / size - self.item_s)
         self.overhead_s += a * ((took - run) - self.overhead_s)
-        self._recent_calls.append(took - run + run / size)
+        per_request = took - run + run / size
+        self._recent_calls.append(per_request)
+        self._fastest_call = min(self._fastest_call, per_request)
         self._last_finish = time.monotonic()
 
 
