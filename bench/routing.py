@@ -331,8 +331,8 @@ def main() -> None:
                 time.sleep(0.5)  # drain
                 # Each run starts from a closed breaker and a drained cloud: one run's
                 # outage or backlog must not decide the next run's figures.
-                cloud.breaker.reset()
                 wait_for_drained_cloud(cloud, idle_rtt_ms)
+                cloud.breaker.reset()  # after the drain: its own probes may have tripped it
         status = agent.status()
         console.print(
             f"agent: edge {status.edge_requests}, cloud {status.cloud_requests}, "
