@@ -23,6 +23,7 @@ from _release_kit import (
 )
 
 from fogline.edge import Agent, AgentConfig
+from fogline.edge._telemetry import Outbox
 from fogline.edge.cli import main as cli_main
 from fogline.protocol import MosquittoBroker, MqttSettings
 
@@ -174,3 +175,21 @@ def test_heartbeat_reports_versions_and_counters(
     assert hb.latency_p50_ms > 0 and hb.latency_p99_ms >= hb.latency_p50_ms
     assert hb.memory_mb > 0 and hb.uptime_s > 0 and hb.errors == 0
     assert hb.met_budget_ratio == 1.0 and hb.offload_ratio == 0.0
+
+
+def test_the_outbox_counts_its_rows_without_asking_sqlite_each_time(tmp_path: Path) -> None:
+    """The count kept in memory follows inserts, drops beyond the bound and removals,
+    and a reopened outbox starts from the rows on disk."""
+    outbox = Outbox(tmp_path / "t.db", bound=3)
+    for i in range(5):
+        outbox.put("t", b"%d" % i)
+    assert len(outbox) == 3 and outbox.dropped == 2
+    rows = outbox.peek()
+    assert [p for _, _, p in rows] == [b"2", b"3", b"4"]
+    outbox.remove(rows[0][0])
+    outbox.remove(rows[0][0])  # gone already: nothing more to count
+    assert len(outbox) == 2
+    outbox.close()
+    again = Outbox(tmp_path / "t.db", bound=3)
+    assert len(again) == 2 and again.dropped == 2
+    again.close()

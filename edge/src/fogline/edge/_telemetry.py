@@ -8,6 +8,7 @@ count survives restarts) and reported in the next heartbeat as ``telemetry_dropp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -68,10 +69,14 @@ class Outbox:
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
         row = self._db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()
         self.dropped = int(row[0]) if row else 0
+        # Rows kept, counted here (this object is the table's only writer): every event
+        # asks whether older rows wait, and a COUNT(*) each time cost SQLite's file
+        # checks, a lock and an unlock, each a system call letting the GIL go.
+        self._count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
 
     def __len__(self) -> int:
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+            return self._count
 
     def put(self, topic: str, payload: bytes) -> None:
         with self._lock:
@@ -79,16 +84,26 @@ class Outbox:
                 self._count_drop(1)
                 return
             self._db.execute("BEGIN")
-            self._db.execute("INSERT INTO outbox (topic, payload) VALUES (?, ?)", (topic, payload))
-            (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
-            excess = int(count) - self.bound
-            if excess > 0:  # keep the freshest: drop the oldest, and say so
+            try:
                 self._db.execute(
-                    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)",
-                    (excess,),
+                    "INSERT INTO outbox (topic, payload) VALUES (?, ?)", (topic, payload)
                 )
-                self._count_drop(excess)
-            self._db.execute("COMMIT")
+                count = self._count + 1
+                excess = count - self.bound
+                if excess > 0:  # keep the freshest: drop the oldest, and say so
+                    deleted = self._db.execute(
+                        "DELETE FROM outbox WHERE id IN "
+                        "(SELECT id FROM outbox ORDER BY id LIMIT ?)",
+                        (excess,),
+                    ).rowcount
+                    count -= deleted
+                    self._count_drop(deleted)
+                self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+            self._count = count
 
     def _count_drop(self, n: int) -> None:
         self.dropped += n
@@ -107,7 +122,8 @@ class Outbox:
 
     def remove(self, row_id: int) -> None:
         with self._lock:
-            self._db.execute("DELETE FROM outbox WHERE id=?", (row_id,))
+            deleted = self._db.execute("DELETE FROM outbox WHERE id=?", (row_id,)).rowcount
+            self._count -= max(deleted, 0)
 
     def close(self) -> None:
         with self._lock:
