@@ -322,7 +322,8 @@ def main() -> None:
             f"cloud round trip {cloud.rtt_ms or 0:.1f} ms + service "
             f"{cloud.service_ms(MODEL) or 0:.1f} ms (one-way delay {args.delay_ms:.0f} ms)"
         )
-        idle_rtt_ms = cloud.rtt_ms or 0.0
+        idle_calls = [cloud.infer(MODEL, {"x": x}, timeout_s=2.0).rtt_ms for _ in range(10)]
+        idle_ms = (cloud.rtt_ms or 0.0, float(np.median(idle_calls)))
         for load in args.loads:
             for policy in args.policies:
                 row = run_load(policy, capacity * load, args.duration, agent, x, load)
@@ -331,7 +332,7 @@ def main() -> None:
                 time.sleep(0.5)  # drain
                 # Each run starts from a closed breaker and a drained cloud: one run's
                 # outage or backlog must not decide the next run's figures.
-                wait_for_drained_cloud(cloud, idle_rtt_ms)
+                wait_for_drained_cloud(cloud, idle_ms, x)
                 cloud.breaker.reset()  # after the drain: its own probes may have tripped it
         status = agent.status()
         console.print(
@@ -361,14 +362,19 @@ def main() -> None:
     report(rows, service, capacity, args, console)
 
 
-def wait_for_drained_cloud(cloud: CloudClient, idle_rtt_ms: float, limit_s: float = 10.0) -> None:
-    """Probe until the cloud answers about as fast as it did idle (a cloud-only run
-    above its capacity leaves a backlog of requests in the bridge for seconds)."""
+def wait_for_drained_cloud(
+    cloud: CloudClient, idle_ms: tuple[float, float], x: np.ndarray, limit_s: float = 10.0
+) -> None:
+    """Wait until the cloud answers a probe and a real request about as fast as it did
+    idle (``idle_ms``: probe round trip, request round trip): a cloud-only run above its
+    capacity leaves a backlog in the bridge and in Serve for seconds."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         try:
-            if cloud.probe(MODEL) <= 1.5 * idle_rtt_ms + 2.0:
-                return
+            if cloud.probe(MODEL) <= 1.5 * idle_ms[0] + 2.0:
+                answer = cloud.infer(MODEL, {"x": x}, timeout_s=1.0)
+                if answer.rtt_ms <= 1.5 * idle_ms[1] + 2.0:
+                    return
         except FoglineError:
             pass
         time.sleep(0.2)

@@ -123,3 +123,28 @@ def test_a_fast_probe_resets_a_round_trip_raised_by_congestion() -> None:
         assert client.rtt_ms is not None and client.rtt_ms < 1.0
     finally:
         client.close()
+
+
+def test_a_busy_reply_brings_a_probe_soon_that_replaces_the_guess() -> None:
+    transport = _FakeTransport()
+    transport.up = True
+    client = _client(transport, probe_interval_s=30.0)  # no idle probe during the test
+    client.start()
+    try:
+        deadline = time.monotonic() + 5
+        while client.rtt_ms is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.rtt_ms is not None  # the first probe, at start
+        sent = transport.count()
+        # A request the cloud was too busy for: its time in the cloud is guessed high ...
+        client._busy("m", 0.5)
+        assert (client.service_ms("m") or 0.0) > 100.0
+        deadline = time.monotonic() + 2
+        while transport.count() == sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        # ... until a probe, sent at once instead of after 30 s, brings the cloud's view.
+        assert transport.count() == sent + 1
+        assert client.service_ms("m") == 1.0
+    finally:
+        client.close()

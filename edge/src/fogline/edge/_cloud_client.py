@@ -82,6 +82,7 @@ _PATH_FAILURES = frozenset({"cloud_unavailable"})
 # ... and those that say it is alive but too busy for this request (feed the estimate).
 _BUSY_REPLIES = frozenset({"over_capacity", "deadline_exceeded"})
 _DEV_BETA = 0.25  # weight of a new sample in the mean deviation (as TCP's RTTVAR)
+_BUSY_PROBE_GAP_S = 0.05  # shortest time between two probes sent after busy replies
 
 
 def reply_error(reply: ErrorReply) -> FoglineError:
@@ -179,6 +180,9 @@ class CloudClient:
         self._last_reply = float("-inf")  # when the cloud last answered anything of ours
         self._quiet_rounds = 0  # probe rounds in a row that the cloud left unanswered
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by close() and by a busy cloud: probe now
+        self._probe_soon = False  # the cloud was too busy for a request: ask its view
+        self._last_probe = float("-inf")
         self._prober: threading.Thread | None = None
         self._started = False
 
@@ -198,6 +202,7 @@ class CloudClient:
     def close(self) -> None:
         """Stop probing, unsubscribe and fail every pending request at once."""
         self._stop.set()
+        self._wake.set()
         if self._prober is not None:
             self._prober.join(timeout=5.0)
             self._prober = None
@@ -395,6 +400,10 @@ class CloudClient:
             floor = max(0.0, allowed_s * 1000.0 - rtt)
             if service.value is None or service.value < floor:
                 service.update(floor)
+            # That floor is a guess made in a burst; the cloud's own view, from a probe
+            # soon, replaces it (else it kept requests away until the next idle probe).
+            self._probe_soon = True
+        self._wake.set()
 
     # -- network thread -----------------------------------------------------------------------
     def _on_reply(self, msg: MqttMessage) -> None:
@@ -441,18 +450,30 @@ class CloudClient:
         return min(self.probe_interval_s, 0.05)
 
     def _probe_loop(self) -> None:
-        while not self._stop.wait(self._probe_wait()):
+        while True:
+            self._wake.wait(self._probe_wait())
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             with self._lock:
-                idle = self._clock() - self._last_sent >= self.probe_interval_s
+                now = self._clock()
+                idle = now - self._last_sent >= self.probe_interval_s
+                soon, self._probe_soon = self._probe_soon, False
                 models = sorted(self._watched)
+                gap = _BUSY_PROBE_GAP_S - (now - self._last_probe)
+            if soon and gap > 0 and self._stop.wait(gap):  # one probe per gap at most
+                return
             if not models or not self.transport.connected:
                 continue
-            # Probe while idle; in half-open also under load, so the breaker can close.
-            if not idle and self.breaker.state != "half_open":
+            # Probe while idle, or after a busy reply; in half-open also under load, so
+            # the breaker can close.
+            if not idle and not soon and self.breaker.state != "half_open":
                 continue
             if not self.breaker.would_allow():
                 continue
             started = self._clock()
+            with self._lock:
+                self._last_probe = started
             for model in models:
                 if self._stop.is_set():
                     return
