@@ -105,9 +105,9 @@ log = logging.getLogger("fogline.edge.routing")
 
 CONFIDENT_DEVIATIONS = 3.0
 """How many mean deviations a confident estimate adds to each service time. Three, not
-two: at 2x load on a speed-factor-6 device, local-first met the budget for 98.3-99.7%
-(median 98.4%) of requests over eight runs with three (and the local p98), 96.0-98.7%
-(median 98.0%) with two (and the local p95), interleaved in one session."""
+two: at 2x load on a speed-factor-6 device, local-first met the budget for 96.7-99.7%
+(mean 98.5%) of requests over eight runs with three (and the local p98), 96.0-98.7%
+(mean 97.7%) with two (and the local p95), interleaved in one session."""
 
 _ERROR_WINDOW = 128  # local answers the calibration looks at, per model
 _ERROR_QUANTILE = 0.98  # of their errors, for the confident local estimate
