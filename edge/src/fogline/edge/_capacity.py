@@ -8,7 +8,8 @@ tokens in a C-implemented ``queue.SimpleQueue`` (``get_nowait``/``put`` are atom
 each finished request appends one tuple to a deque (atomic too). Readers (telemetry,
 router, status) drain that log under a lock into the counters, the latency window and
 the per-model service-time estimate (EWMA). Only a request that finds no free slot takes
-the lock, to count itself against the queue bound.
+the lock, to count itself against the queue bound, and so does a finished request that
+hands its slot to a waiter.
 
 Waiting requests are served first come, first served: each waits on a lock of its own
 in a FIFO, a finished request hands its slot straight to the oldest waiter, and a

@@ -77,6 +77,8 @@ from fogline.protocol import (
     UnknownModelError,
 )
 
+from ._capacity import percentile
+
 __all__ = [
     "CONFIDENT_DEVIATIONS",
     "CloudPath",
@@ -506,6 +508,27 @@ class RoutingStats:
         return self.met_budget / self.budgeted if self.budgeted else 1.0
 
 
+class _LocalError:
+    """The queue model's last errors per service period (ms) for one model, with their
+    median and confident quantile, recomputed every few answers (a sort per request
+    would sit on the hot path). Not thread-safe: the router holds its lock."""
+
+    def __init__(self) -> None:
+        self.recent: deque[float] = deque(maxlen=_ERROR_WINDOW)
+        self.quantiles: tuple[float, float] | None = None  # (typical, sure), never < 0
+        self._since_refresh = 0
+
+    def add(self, error_ms: float) -> None:
+        self.recent.append(error_ms)
+        self._since_refresh += 1
+        if self._since_refresh < _ERROR_REFRESH and len(self.recent) > 2 * _ERROR_REFRESH:
+            return
+        self._since_refresh = 0
+        ordered = sorted(self.recent)
+        typical = max(0.0, percentile(ordered, 50.0))
+        self.quantiles = (typical, max(typical, percentile(ordered, 100.0 * _ERROR_QUANTILE)))
+
+
 @dataclass(frozen=True)
 class _Run:
     start: float
@@ -527,11 +550,7 @@ class Router:
         self.cloud = cloud
         self.stats = RoutingStats()
         self._clock = clock
-        # Per model: the last errors of the queue model per service period (ms), and
-        # their median and confident quantile (refreshed every few answers).
-        self._local_error: dict[str, deque[float]] = {}
-        self._error_quantiles: dict[str, tuple[float, float]] = {}
-        self._error_fresh: dict[str, int] = {}
+        self._local_error: dict[str, _LocalError] = {}
         self._error_lock = threading.Lock()
 
     def route(
@@ -557,10 +576,12 @@ class Router:
         with self._error_lock:
             if local.service_ms is None:  # no (or stale) figures: calibrate afresh too
                 self._local_error.pop(model, None)
-                self._error_quantiles.pop(model, None)
-            error = self._error_quantiles.get(model)
+            calibration = self._local_error.get(model)
+            error = calibration.quantiles if calibration is not None else None
         if error is not None:
             typical, sure = error[0] * periods, error[1] * periods
+            # LocalState carries a typical error and a deviation that the confident
+            # estimate multiplies by CONFIDENT_DEVIATIONS: chosen so it adds ``sure``.
             local = replace(
                 local, error_ms=typical, error_dev_ms=(sure - typical) / CONFIDENT_DEVIATIONS
             )
@@ -605,21 +626,10 @@ class Router:
         shut the local path, which would then never run again to learn better."""
         error_ms = max(-bound_ms, min(error_ms, bound_ms)) / periods
         with self._error_lock:
-            recent = self._local_error.get(model)
-            if recent is None:
-                recent = self._local_error[model] = deque(maxlen=_ERROR_WINDOW)
-            recent.append(error_ms)
-            fresh = self._error_fresh.get(model, 0) + 1
-            if fresh < _ERROR_REFRESH and len(recent) > 2 * _ERROR_REFRESH:
-                self._error_fresh[model] = fresh
-                return
-            self._error_fresh[model] = 0
-            ordered = sorted(recent)
-        typical = max(0.0, ordered[len(ordered) // 2])
-        sure = max(typical, ordered[min(len(ordered) - 1, int(_ERROR_QUANTILE * len(ordered)))])
-        with self._error_lock:
-            if model in self._local_error:  # not reset meanwhile
-                self._error_quantiles[model] = (typical, sure)
+            calibration = self._local_error.get(model)
+            if calibration is None:
+                calibration = self._local_error[model] = _LocalError()
+            calibration.add(error_ms)
 
     def _cascade(
         self, model: str, inputs: Mapping[str, np.ndarray], local_result: LocalResult, run: _Run
