@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fogline.edge import Agent, AgentConfig, SessionCache
-from fogline.protocol import FoglineError
-from fogline.protocol._mqtt_loop import LoopGroup, sharing
+from fogline.protocol import FoglineError, LoopGroup, sharing
 
 from ._ledger import DeviceSnapshot
 from ._link import LinkEmulator

@@ -46,9 +46,9 @@ from fogline.protocol import (
     ConfigError,
     FoglineError,
     Identifier,
+    LoopGroup,
     MqttSettings,
 )
-from fogline.protocol._mqtt_loop import LoopGroup
 
 from ._control import ControlServer
 from ._device import FleetSessionCache, SimDevice, SlowSessionCache

@@ -59,6 +59,7 @@ from ._messages import (
     SignedRelease,
     TensorSpec,
 )
+from ._mqtt_loop import LoopGroup, sharing
 from ._mqtt_settings import MqttSettings, Will
 from ._settings_loader import (
     TopicPrefix,
@@ -151,6 +152,7 @@ __all__ = [
     "InferenceResponse",
     "InvalidIdError",
     "InvalidModelError",
+    "LoopGroup",
     "Message",
     "ModelError",
     "MosquittoBroker",
@@ -193,6 +195,7 @@ __all__ = [
     "free_port",
     "load_settings",
     "read_toml",
+    "sharing",
     "sign_desired",
     "sign_release",
     "validate_id",
