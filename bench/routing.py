@@ -228,8 +228,8 @@ def run_load(
         p99_ms=float(np.percentile(lat, 99, method="higher")) if lat.size else float("nan"),
         offload_ratio=targets.count("cloud") / max(1, len(targets)),
         refused=refused,
-        late_edge=sum(t == "edge" and ms > BUDGET_MS for t, ms in answered),
-        late_cloud=sum(t == "cloud" and ms > BUDGET_MS for t, ms in answered),
+        late_edge=int(sum(t == "edge" and ms > BUDGET_MS for t, ms in answered)),
+        late_cloud=int(sum(t == "cloud" and ms > BUDGET_MS for t, ms in answered)),
     )
 
 
