@@ -7,7 +7,8 @@ artifact in chunks from the cloud's real ``ArtifactService`` over the same Mosqu
 
 Floor, in the same run and on the same broker: one plain paho-mqtt publisher sends the
 same bytes once to N plain paho-mqtt subscribers; time from publish until all N have
-them. The ratio is Fogline / floor; the target is at most 3x at N = 200. Also printed:
+them. Each row measures both ``--repeat`` times (default 3), alternating, and the table
+gives the medians and their ratio; the target is at most 3x at N = 200. Also printed:
 the artifact service's publishes (multicast batches vs. unicast replies), which request
 coalescing keeps far below 2 x N.
 
@@ -25,7 +26,7 @@ shared, which a device, running one agent, does not need). ``1``: a thread per a
     .venv/bin/python bench/rollout.py                            # N = 50, 100, 200
     .venv/bin/python bench/rollout.py --sizes 50 100 200 --processes 4
     .venv/bin/python bench/rollout.py --sizes 200 --processes 1 4  # the same two splits
-    .venv/bin/python bench/rollout.py --sizes 20 --processes 1   # quick look
+    .venv/bin/python bench/rollout.py --sizes 20 --processes 1 --repeat 1  # quick look
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import logging
 import os
 import queue
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -388,6 +390,13 @@ def main() -> None:
         "several values: exactly those splits (e.g. 1 4)",
     )
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="measurements of the floor and of Fogline per row, alternating; the table "
+        "gives their medians (one sample of the floor alone moves by half)",
+    )
+    parser.add_argument(
         "--agents-per-thread",
         type=int,
         nargs="+",
@@ -399,6 +408,8 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.agents_per_thread) < 1:
         parser.error("--agents-per-thread must be at least 1")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if min(args.processes) < 1:
         parser.error("--processes must be at least 1")
     if len(args.processes) == 1:
@@ -410,7 +421,7 @@ def main() -> None:
     onnx.checker.check_model(onnx.load_from_string(artifact))
     print(f"release artifact: {len(artifact) / 1e6:.2f} MB, chunks of {CHUNK // 1024} KiB")
     print("load average at the start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
-    rows = []
+    rows: list[tuple[int, int, int, list[tuple[float, float, float, str]]]] = []
     with tempfile.TemporaryDirectory(prefix="fogline-bench-") as tmp:
         root = Path(tmp)
         broker = MosquittoBroker(workdir=root / "broker")
@@ -421,41 +432,52 @@ def main() -> None:
             store = ArtifactStore(root / "artifacts")
             for n in args.sizes:
                 for k, t in [(k, t) for k in splits for t in args.agents_per_thread]:
-                    if k == 1:
-                        floor = paho_floor(n, settings, artifact)
-                    else:
-                        floor = paho_floor_split(n, settings, artifact, k)
-                    try:
-                        fogline, cpu, stats = fogline_rollout(
-                            n, settings, artifact, store, root, k, t
+                    runs: list[tuple[float, float, float, str]] = []
+                    for attempt in range(1, args.repeat + 1):
+                        if k == 1:
+                            floor = paho_floor(n, settings, artifact)
+                        else:
+                            floor = paho_floor_split(n, settings, artifact, k)
+                        try:
+                            fogline, cpu, stats = fogline_rollout(
+                                n, settings, artifact, store, root, k, t
+                            )
+                        except ConfigError as exc:  # e.g. a hard RLIMIT_NOFILE too low for N
+                            print(f"N={n:4d} K={k} T={t}  not run: {exc}", flush=True)
+                            break
+                        service = f"{stats['chunks_multicast']} + {stats['chunks_served']}"
+                        runs.append((fogline, floor, cpu, service))
+                        print(
+                            f"N={n:4d} K={k} T={t:2d} run {attempt}  fogline {fogline:7.2f}s  "
+                            f"paho floor {floor:6.2f}s  "
+                            f"ratio {fogline / floor:6.1f}x  cpu {cpu:6.2f}s  service: {service} "
+                            f"(multicast + unicast) chunk publishes, "
+                            f"{stats['requests_coalesced']} requests coalesced",
+                            flush=True,
                         )
-                    except ConfigError as exc:  # e.g. a hard RLIMIT_NOFILE too low for N
-                        print(f"N={n:4d} K={k} T={t}  not run: {exc}", flush=True)
-                        continue
-                    service = f"{stats['chunks_multicast']} + {stats['chunks_served']}"
-                    rows.append((n, k, t, fogline, floor, service, cpu))
-                    print(
-                        f"N={n:4d} K={k} T={t:2d}  fogline {fogline:7.2f}s  "
-                        f"paho floor {floor:6.2f}s  "
-                        f"ratio {fogline / floor:6.1f}x  cpu {cpu:6.2f}s  service: {service} "
-                        f"(multicast + unicast) chunk publishes, "
-                        f"{stats['requests_coalesced']} requests coalesced",
-                        flush=True,
-                    )
+                    if runs:
+                        rows.append((n, k, t, runs))
         finally:
             broker.close()
     print("load average at the end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print()
     print(
-        "| N | processes | agents per network thread | Fogline publish -> all serve (s) "
-        "| paho fan-out floor (s) | ratio "
-        "| Fogline CPU (s) | service chunk publishes (multicast + unicast) |"
+        "| N | processes | agents per network thread | runs "
+        "| Fogline publish -> all serve, median (range) s "
+        "| paho fan-out floor, median (range) s | ratio of the medians "
+        "| Fogline CPU, median s | service chunk publishes (multicast + unicast) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for n, k, t, fogline, floor, service, cpu in rows:
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, k, t, runs in rows:
+        rollouts = [r[0] for r in runs]
+        floors = [r[1] for r in runs]
         print(
-            f"| {n} | {k} | {t} | {fogline:.2f} | {floor:.2f} | {fogline / floor:.1f}x "
-            f"| {cpu:.2f} | {service} |"
+            f"| {n} | {k} | {t} | {len(runs)} "
+            f"| {statistics.median(rollouts):.2f} ({min(rollouts):.2f}-{max(rollouts):.2f}) "
+            f"| {statistics.median(floors):.2f} ({min(floors):.2f}-{max(floors):.2f}) "
+            f"| {statistics.median(rollouts) / statistics.median(floors):.1f}x "
+            f"| {statistics.median(r[2] for r in runs):.2f} "
+            f"| {', '.join(sorted(set(r[3] for r in runs)))} |"
         )
 
 
