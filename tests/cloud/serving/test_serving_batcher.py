@@ -252,3 +252,20 @@ def test_infer_batch_on_serve_answers_each_request(served: Any, tiny: Any) -> No
     np.testing.assert_allclose(single["outputs"]["probs"], tiny.reference(tiny.confident),
                                rtol=1e-5)
     assert handle.remote_batch([]).result(timeout_s=60) == []
+
+
+@pytest.mark.ray
+def test_serve_calls_by_value_by_default_and_by_reference_on_request(
+    served: Any, tiny: Any
+) -> None:
+    by_value = served.handle
+    by_reference = ServeModelHandle(by_value.serve_handle, by_value=False)
+    assert ServingSettings(model="m", version=1).by_value_calls
+    for handle, expected in ((by_value, False), (by_reference, True)):
+        response = handle.remote({"x": tiny.unsure})
+        assert response.by_reference is expected  # Serve's gRPC path, or actor calls
+        np.testing.assert_allclose(response.result(timeout_s=60)["outputs"]["probs"],
+                                   tiny.reference(tiny.unsure), rtol=1e-5)
+        batch = handle.remote_batch([{"x": tiny.confident}]).result(timeout_s=60)
+        np.testing.assert_allclose(batch[0]["outputs"]["probs"],
+                                   tiny.reference(tiny.confident), rtol=1e-5)

@@ -42,6 +42,9 @@ class ServingSettings(BaseModel):
     max_ongoing_requests: Annotated[int, Field(ge=1, le=100_000)] = 64
     num_cpus: Annotated[float, Field(ge=0, le=256)] = 0.5
     intra_op_threads: Annotated[int, Field(ge=1, le=256)] = 1
+    # The bridge's calls go to the replica over Serve's gRPC path, results by value
+    # (see ServeModelHandle); False: Ray actor calls through the object store.
+    by_value_calls: bool = True
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> Self:
