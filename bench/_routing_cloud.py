@@ -2,7 +2,7 @@
 local Ray with the model on Ray Serve, and the MQTT inference bridge in front of it,
 publishing its replies after the injected one-way delay.
 
-    python bench/_routing_cloud.py '<json: broker_url, prefix, model_file, model, delay_ms>'
+    python bench/_routing_cloud.py '<json: broker_url, prefix, model_file, model, delay_ms, by_value_calls>'
 
 Line protocol on stdout: ``ready`` once the bridge is subscribed; then, after the parent
 writes ``stop`` (or closes stdin), ``stats <json>`` with the bridge's counters. It always
@@ -48,6 +48,7 @@ def main() -> None:
                 num_cpus=0.5,
                 max_batch_size=16,
                 batch_wait_timeout_ms=1.0,
+                by_value_calls=cfg.get("by_value_calls", True),
             ),
             model,
         )

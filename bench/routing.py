@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +154,7 @@ class Row:
     refused: int
     late_edge: int  # answered after the budget, on the edge
     late_cloud: int  # answered after the budget, from the cloud
+    breaker_opens: int = 0  # times the agent's cloud breaker opened during the run
 
 
 def install(data_dir: Path, model: bytes) -> None:
@@ -252,6 +253,12 @@ def main() -> None:
         default="refuse",
         help="what the agent does when no path meets the budget (the agent's setting)",
     )
+    parser.add_argument(
+        "--serve-calls",
+        choices=("by-value", "by-reference"),
+        default="by-value",
+        help="how the bridge calls Ray Serve (ServingSettings.by_value_calls)",
+    )
     parser.add_argument("--loads", type=float, nargs="+", default=list(LOADS))
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--json", action="store_true")
@@ -277,7 +284,9 @@ def main() -> None:
     try:
         model_file = Path(tmp.name) / "cloud-model.onnx"
         model_file.write_bytes(model)
-        cloud_proc = start_cloud(broker.url, topics.prefix, model_file, args.delay_ms)
+        cloud_proc = start_cloud(
+            broker.url, topics.prefix, model_file, args.delay_ms, args.serve_calls == "by-value"
+        )
         edge_tx = DelayedTransport(settings, args.delay_ms / 1000.0)
         transports.append(edge_tx)
         edge_tx.connect()
@@ -320,13 +329,16 @@ def main() -> None:
         assert cloud is not None
         console.print(
             f"cloud round trip {cloud.rtt_ms or 0:.1f} ms + service "
-            f"{cloud.service_ms(MODEL) or 0:.1f} ms (one-way delay {args.delay_ms:.0f} ms)"
+            f"{cloud.service_ms(MODEL) or 0:.1f} ms (one-way delay {args.delay_ms:.0f} ms, "
+            f"Serve calls {args.serve_calls})"
         )
         idle_calls = [cloud.infer(MODEL, {"x": x}, timeout_s=2.0).rtt_ms for _ in range(10)]
         idle_ms = (cloud.rtt_ms or 0.0, float(np.median(idle_calls)))
         for load in args.loads:
             for policy in args.policies:
+                opened = cloud.breaker.snapshot().opened_count
                 row = run_load(policy, capacity * load, args.duration, agent, x, load)
+                row = replace(row, breaker_opens=cloud.breaker.snapshot().opened_count - opened)
                 rows.append(row)
                 console.print(f"{load}x {policy}: met {row.met_budget:.3f}")
                 time.sleep(0.5)  # drain
@@ -382,7 +394,7 @@ def wait_for_drained_cloud(
 
 
 def start_cloud(
-    broker_url: str, prefix: str, model_file: Path, delay_ms: float
+    broker_url: str, prefix: str, model_file: Path, delay_ms: float, by_value_calls: bool
 ) -> subprocess.Popen[str]:
     """Start the cloud process and wait for its bridge to be subscribed."""
     cfg = {
@@ -391,6 +403,7 @@ def start_cloud(
         "model_file": str(model_file),
         "model": MODEL,
         "delay_ms": delay_ms,
+        "by_value_calls": by_value_calls,
     }
     worker = Path(__file__).with_name("_routing_cloud.py")
     proc = subprocess.Popen(
@@ -464,6 +477,7 @@ def report(rows: list[Row], service: float, capacity: float, args: Any, console:
         "refused",
         "late edge",
         "late cloud",
+        "breaker opened",
     )
     for col in columns:
         table.add_column(col, justify="right")
@@ -480,6 +494,7 @@ def report(rows: list[Row], service: float, capacity: float, args: Any, console:
             str(r.refused),
             str(r.late_edge),
             str(r.late_cloud),
+            str(r.breaker_opens),
         )
     console.print(table)
     for load, ratio in ratios.items():
