@@ -2,7 +2,8 @@
 local Ray with the model on Ray Serve, and the MQTT inference bridge in front of it,
 publishing its replies after the injected one-way delay.
 
-    python bench/_routing_cloud.py '<json: broker_url, prefix, model_file, model, delay_ms, by_value_calls>'
+    python bench/_routing_cloud.py '<json: broker_url, prefix, model_file, model,
+                                            delay_ms, by_value_calls>'
 
 Line protocol on stdout: ``ready`` once the bridge is subscribed; then, after the parent
 writes ``stop`` (or closes stdin), ``stats <json>`` with the bridge's counters. It always

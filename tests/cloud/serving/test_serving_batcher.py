@@ -133,6 +133,9 @@ def test_batcher_does_not_send_what_cannot_meet_its_deadline() -> None:
         batcher = ModelBatcher(call, max_batch=8, max_calls=1, alpha=0.0)
         await batcher.submit(x(0), 5.0)
         batcher.overhead_s, batcher.item_s = 0.5, 0.1  # a call takes >= 0.6 s (alpha 0: kept)
+        batcher._recent_calls.clear()
+        batcher._recent_calls.extend([0.6] * 4)  # ... and so did the recent ones
+        batcher.fresh_s = 60.0
         hopeless = batcher.submit(x(1), 0.2)
         with pytest.raises(TimeoutError):
             await hopeless
@@ -146,6 +149,33 @@ def test_batcher_does_not_send_what_cannot_meet_its_deadline() -> None:
         call.gate.set()
         await asyncio.gather(busy, *queued)
         assert [len(b) for b in call.batches[2:]] == [5, 2]
+
+    asyncio.run(scenario())
+
+
+def test_batcher_one_stalled_call_does_not_refuse_what_typical_calls_can_meet() -> None:
+    async def scenario() -> None:
+        call = GatedCall()
+        call.gate.set()
+        batcher = ModelBatcher(call, max_batch=8, max_calls=1, fresh_s=60.0)
+        for i in range(5):
+            await batcher.submit(x(i), 5.0)  # fast calls
+        # One stall (a pause in Ray) drives the running averages past a budgeted
+        # request's deadline; nothing but calls would bring them down.
+        batcher.overhead_s, batcher.item_s = 0.5, 0.1
+        batcher._recent_calls.append(0.6)
+        result = await batcher.submit(x(7), 0.2)
+        assert float(result["outputs"]["x"][0, 0]) == 7.0 and batcher.skipped == 0
+        # After an overload every recent call was slow; once no call has finished for
+        # fresh_s, the fastest call decides, so budgeted requests get through again.
+        batcher._recent_calls.clear()
+        batcher._recent_calls.extend([0.6] * 32)
+        batcher.overhead_s, batcher.item_s = 0.5, 0.1
+        with pytest.raises(TimeoutError):
+            await batcher.submit(x(8), 0.2)  # fresh: the slow calls are the cloud's state
+        batcher.fresh_s = 0.0
+        result = await batcher.submit(x(9), 0.2)
+        assert float(result["outputs"]["x"][0, 0]) == 9.0 and batcher.skipped == 1
 
     asyncio.run(scenario())
 

@@ -19,6 +19,13 @@ own could come back, is not sent: its waiter gets a
 spends no CPU on an answer nobody will read. Under overload this is what keeps the
 requests that *can* meet their deadline meeting it.
 
+"A call of its own" is the robust figure :meth:`ModelBatcher.expected_s` gives with a
+free slot (the median of the recent calls; with none for ``fresh_s``, the fastest), not
+the running averages that size batches: one stalled call (a pause in Ray) raised those
+past a budgeted request's deadline, every later request was refused without a call, and
+with no call nothing brought them down (measured: a cloud that refused every budgeted
+request of a 4 s run after an overload).
+
 A call in flight is not cancelled when its requests' deadlines pass: once a replica
 runs a batch, cancelling saves no CPU and costs another RPC. Only ``hang_timeout_s``
 bounds it (a replica that never answers).
@@ -106,15 +113,20 @@ class ModelBatcher:
         a long overload every recent call was slow, devices kept refusing, and no
         call came to bring the figure down (measured: a cloud left unused for whole
         runs). The next real calls correct it if the cloud is still slow."""
-        recent = list(self._recent_calls)
-        call = self.overhead_s + self.item_s
         if self._running < self.max_calls:
-            if not recent:
-                return call
-            if time.monotonic() - self._last_finish > self.fresh_s:
-                return min(self._fastest_call, min(recent))
-            return statistics.median(recent)
+            return self._one_call_s()
+        call = self.overhead_s + self.item_s
         return call + self.overhead_s + (len(self._queue) + 1) * self.item_s
+
+    def _one_call_s(self) -> float:
+        """A call of one request's own, now: the median of the recent calls, or the
+        fastest call once none finished for ``fresh_s`` (see :meth:`expected_s`)."""
+        recent = list(self._recent_calls)
+        if not recent:
+            return self.overhead_s + self.item_s
+        if time.monotonic() - self._last_finish > self.fresh_s:
+            return min(self._fastest_call, min(recent))
+        return statistics.median(recent)
 
     def submit(self, inputs: Inputs, timeout_s: float) -> asyncio.Future[Any]:
         """Queue one request; the future resolves to its result or raises what the Serve
@@ -127,13 +139,14 @@ class ModelBatcher:
 
     def _pump(self) -> None:
         loop = asyncio.get_running_loop()
+        one_call = self._one_call_s() if self._queue else 0.0
         while self._running < self.max_calls and self._queue:
             batch: list[_Item] = []
             now = loop.time()
             oldest = float("inf")
             while self._queue and len(batch) < self.max_batch:
                 item = self._queue[0]
-                if item.future.done() or item.deadline - now < self.overhead_s + self.item_s:
+                if item.future.done() or item.deadline - now < one_call:
                     self._queue.popleft()
                     self.skipped += 1
                     if not item.future.done():
