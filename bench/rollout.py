@@ -221,6 +221,7 @@ def fogline_rollout(
     root: Path,
     processes: int = 1,
     agents_per_thread: int = 1,
+    remove_data: bool = False,
 ) -> tuple[float, float, dict[str, int]]:
     """Seconds from publish until all N serve v1, and the CPU seconds that took (this
     process, with the artifact service, plus the workers'; not the broker's)."""
@@ -231,7 +232,7 @@ def fogline_rollout(
     service = ArtifactService(cloud, store, topics=topics)
     cloud.connect()
     service.start()
-    data_root = root / f"fleet-{n}-{processes}p-{agents_per_thread}t"
+    data_root = root / f"fleet-{n}-{processes}p-{agents_per_thread}t-{topics.prefix[-8:]}"
     if processes == 1:
         agents = local_fleet(n, settings, key, topics, data_root, agents_per_thread)
     else:
@@ -303,9 +304,12 @@ def fogline_rollout(
     finally:
         service.close()
         cloud.close()
-        # 1.2 MB per agent: the next measurement should not start with hundreds of MB
-        # of this one's files in the page cache (nor leave them to the end of the run).
-        shutil.rmtree(data_root, ignore_errors=True)
+        # Kept to the end of the run by default: on ext4 without a journal (this machine's
+        # disk) every file creation skips the inodes freed in the last 60-360 s, one
+        # buffer lookup each, so removing 200 agents' files here taxed the next
+        # measurement's creations (~20% of its CPU in the kernel's inode allocator).
+        if remove_data:
+            shutil.rmtree(data_root, ignore_errors=True)
 
 
 def paho_floor_split(n: int, settings: MqttSettings, payload: bytes, processes: int) -> float:
@@ -405,6 +409,12 @@ def main() -> None:
         "agents_per_network_thread; 1: a thread each, as on a device); several values: "
         "a row each",
     )
+    parser.add_argument(
+        "--remove-between",
+        action="store_true",
+        help="remove each measurement's agent data right after it (the default keeps it "
+        "until the end of the run; see fogline_rollout)",
+    )
     args = parser.parse_args()
     if min(args.agents_per_thread) < 1:
         parser.error("--agents-per-thread must be at least 1")
@@ -440,7 +450,7 @@ def main() -> None:
                             floor = paho_floor_split(n, settings, artifact, k)
                         try:
                             fogline, cpu, stats = fogline_rollout(
-                                n, settings, artifact, store, root, k, t
+                                n, settings, artifact, store, root, k, t, args.remove_between
                             )
                         except ConfigError as exc:  # e.g. a hard RLIMIT_NOFILE too low for N
                             print(f"N={n:4d} K={k} T={t}  not run: {exc}", flush=True)
