@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import onnx
 import paho.mqtt.client as paho
+from _host import python_speed_ms
 from onnx import TensorProto, helper, numpy_helper
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -431,6 +432,7 @@ def main() -> None:
     onnx.checker.check_model(onnx.load_from_string(artifact))
     print(f"release artifact: {len(artifact) / 1e6:.2f} MB, chunks of {CHUNK // 1024} KiB")
     print("load average at the start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    print(f"host speed at the start: sum(range(10**6)) in {python_speed_ms():.1f} ms")
     rows: list[tuple[int, int, int, list[tuple[float, float, float, str]]]] = []
     with tempfile.TemporaryDirectory(prefix="fogline-bench-") as tmp:
         root = Path(tmp)
@@ -470,6 +472,7 @@ def main() -> None:
         finally:
             broker.close()
     print("load average at the end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    print(f"host speed at the end: sum(range(10**6)) in {python_speed_ms():.1f} ms")
     print()
     print(
         "| N | processes | agents per network thread | runs "

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from _host import python_speed_ms
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 from rich.table import Table
@@ -266,6 +267,8 @@ def main() -> None:
     console = Console(stderr=args.json, width=150)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     profile = load_profiles()[args.profile]
+    host_ms = python_speed_ms()
+    console.print(f"host speed: sum(range(10**6)) in {host_ms:.1f} ms")
     speed = args.speed_factor if args.speed_factor is not None else profile.speed_factor
     model = build_cnn()
     onnx.checker.check_model(onnx.load_from_string(model))
@@ -371,7 +374,7 @@ def main() -> None:
             stop_cloud(cloud_proc)
         broker.close()
         tmp.cleanup()
-    report(rows, service, capacity, args, console)
+    report(rows, service, capacity, host_ms, args, console)
 
 
 def wait_for_drained_cloud(
@@ -437,7 +440,14 @@ def stop_cloud(proc: subprocess.Popen[str]) -> dict[str, int]:
     return stats
 
 
-def report(rows: list[Row], service: float, capacity: float, args: Any, console: Console) -> None:
+def report(
+    rows: list[Row],
+    service: float,
+    capacity: float,
+    host_ms: float,
+    args: Any,
+    console: Console,
+) -> None:
     ratios = {}
     for load in args.loads:
         by = {r.policy: r for r in rows if r.load == load}
@@ -454,6 +464,7 @@ def report(rows: list[Row], service: float, capacity: float, args: Any, console:
                     "on_no_path": args.on_no_path,
                     "local_service_ms": service,
                     "local_capacity_rps": capacity,
+                    "host_speed_ms": host_ms,
                     "rows": [asdict(r) for r in rows],
                     "local_first_vs_best_baseline": ratios,
                 }
