@@ -99,7 +99,7 @@ def _publish_all(
     """Start publisher processes; they publish once ``go`` is set. Keep ``go`` referenced
     until they are joined: its semaphore dies with the last reference."""
     ctx = mp.get_context("spawn")
-    procs = [
+    procs: list[mp.process.BaseProcess] = [
         ctx.Process(target=_publisher, args=(broker.host, broker.port, items[i::publishers], go))
         for i in range(publishers)
     ]

@@ -15,6 +15,7 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -40,9 +41,9 @@ def main() -> None:
         )
     base = next(m for m in result.measurements if m.quantization == "fp32")
     threads = sorted(base.latency_ms)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for m in result.measurements:
-        row = {
+        row: dict[str, Any] = {
             "variant": m.quantization,
             "accuracy": m.accuracy,
             "drop": round(base.accuracy - m.accuracy, 3),

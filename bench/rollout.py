@@ -18,6 +18,10 @@ per worker) and the floor with the same split (N subscribers over K processes); 
 artifact service and the publisher stay in this process. ``--processes 1`` runs only the
 single-process rows.
 
+``--thread-switches`` prints, for each one-process rollout, the context switches of
+this process's threads by kind (delivery, network, probes...): with hundreds of threads
+under one GIL, many of them are GIL hand-offs and timeouts (docs/benchmarks.md).
+
 ``--agents-per-thread T`` (default 10; several values: a row each) lets one MQTT network
 thread serve T simulated agents' connections (``SimulatedFleet(agents_per_network_thread=T)``:
 each agent still has its own connection, session and packets; only the thread is
@@ -53,6 +57,7 @@ import numpy as np
 import onnx
 import paho.mqtt.client as paho
 from _host import python_speed_ms
+from _threads import snapshot, switch_table
 from onnx import TensorProto, helper, numpy_helper
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -223,6 +228,7 @@ def fogline_rollout(
     processes: int = 1,
     agents_per_thread: int = 1,
     remove_data: bool = False,
+    thread_switches: bool = False,
 ) -> tuple[float, float, dict[str, int]]:
     """Seconds from publish until all N serve v1, and the CPU seconds that took (this
     process, with the artifact service, plus the workers'; not the broker's)."""
@@ -283,6 +289,7 @@ def fogline_rollout(
                 models={MODEL: DesiredModel(version=1)},
             )
             # CLOCK_MONOTONIC is system-wide: comparable with the workers' timestamps.
+            switches = snapshot() if thread_switches and processes == 1 else None
             cpu = time.process_time()
             started = time.monotonic()
             cloud.publish(
@@ -301,6 +308,9 @@ def fogline_rollout(
             )
             done, workers_cpu = wait_done()
             cpu = time.process_time() - cpu + workers_cpu
+            if switches is not None:
+                print("context switches during the rollout, by kind of thread:")
+                print("\n".join(switch_table(switches, snapshot())), flush=True)
         return done - started, cpu, service.stats()
     finally:
         service.close()
@@ -416,6 +426,12 @@ def main() -> None:
         help="remove each measurement's agent data right after it (the default keeps it "
         "until the end of the run; see fogline_rollout)",
     )
+    parser.add_argument(
+        "--thread-switches",
+        action="store_true",
+        help="print each one-process rollout's context switches by kind of thread "
+        "(bench/_threads.py; Linux)",
+    )
     args = parser.parse_args()
     if min(args.agents_per_thread) < 1:
         parser.error("--agents-per-thread must be at least 1")
@@ -452,7 +468,15 @@ def main() -> None:
                             floor = paho_floor_split(n, settings, artifact, k)
                         try:
                             fogline, cpu, stats = fogline_rollout(
-                                n, settings, artifact, store, root, k, t, args.remove_between
+                                n,
+                                settings,
+                                artifact,
+                                store,
+                                root,
+                                k,
+                                t,
+                                args.remove_between,
+                                args.thread_switches,
                             )
                         except ConfigError as exc:  # e.g. a hard RLIMIT_NOFILE too low for N
                             print(f"N={n:4d} K={k} T={t}  not run: {exc}", flush=True)

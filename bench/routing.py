@@ -100,7 +100,8 @@ def build_cnn(channels: int = 64, layers: int = 6) -> bytes:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    return model.SerializeToString()
+    serialized: bytes = model.SerializeToString()
+    return serialized
 
 
 class DelayedTransport(MqttTransport):
@@ -195,7 +196,7 @@ def run_load(
         nonlocal refused
         try:
             res = agent.infer(MODEL, {"x": x}, budget_ms=BUDGET_MS, policy=policy)
-            target = res.where
+            target: str = res.where
         except FoglineError as exc:
             target = "refused"
             with lock:
