@@ -18,9 +18,10 @@ per worker) and the floor with the same split (N subscribers over K processes); 
 artifact service and the publisher stay in this process. ``--processes 1`` runs only the
 single-process rows.
 
-``--thread-switches`` prints, for each one-process rollout, the context switches of
-this process's threads by kind (delivery, network, probes...): with hundreds of threads
-under one GIL, many of them are GIL hand-offs and timeouts (docs/benchmarks.md).
+``--thread-switches`` prints, for each one-process rollout, the CPU time and context
+switches of this process's threads by kind (delivery, network, probes...): with hundreds
+of threads under one GIL, many switches are GIL hand-offs and timeouts
+(docs/benchmarks.md).
 
 ``--agents-per-thread T`` (default 10; several values: a row each) lets one MQTT network
 thread serve T simulated agents' connections (``SimulatedFleet(agents_per_network_thread=T)``:
@@ -57,7 +58,7 @@ import numpy as np
 import onnx
 import paho.mqtt.client as paho
 from _host import python_speed_ms
-from _threads import snapshot, switch_table
+from _threads import new_threads_cpu, snapshot, switch_table
 from onnx import TensorProto, helper, numpy_helper
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -309,8 +310,13 @@ def fogline_rollout(
             done, workers_cpu = wait_done()
             cpu = time.process_time() - cpu + workers_cpu
             if switches is not None:
-                print("context switches during the rollout, by kind of thread:")
-                print("\n".join(switch_table(switches, snapshot())), flush=True)
+                after = snapshot()
+                print("CPU and context switches during the rollout, by kind of thread:")
+                print("\n".join(switch_table(switches, after)))
+                started_inside = new_threads_cpu(switches, after, cpu - workers_cpu)
+                print(
+                    f"  threads started during the rollout: CPU {started_inside:.2f} s", flush=True
+                )
         return done - started, cpu, service.stats()
     finally:
         service.close()
