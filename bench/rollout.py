@@ -18,6 +18,10 @@ per worker) and the floor with the same split (N subscribers over K processes); 
 artifact service and the publisher stay in this process. ``--processes 1`` runs only the
 single-process rows.
 
+``--pin-cpus`` runs each process that hosts agents or floor subscribers on one CPU (one
+process: this one, for the floor and Fogline alike; K processes: round-robin over the
+CPUs), to see what cross-CPU wake-ups cost (docs/benchmarks.md).
+
 ``--thread-switches`` prints, for each one-process rollout, the CPU time and context
 switches of this process's threads by kind (delivery, network, probes...): with hundreds
 of threads under one GIL, many switches are GIL hand-offs and timeouts
@@ -133,12 +137,12 @@ def _expect(outputs: list[queue.Queue[str]], word: str, timeout: float) -> list[
 
 @contextmanager
 def workers(
-    mode: str, configs: list[dict[str, Any]]
+    mode: str, configs: list[dict[str, Any]], pin: bool = False
 ) -> Iterator[Callable[[], tuple[float, float]]]:
     """Start one ``_rollout_worker.py`` per config and wait until all are ready; yields a
     function waiting for every worker's ``done`` (returns the latest timestamp and the
-    workers' CPU seconds since ready). Every
-    worker is stopped on the way out, also on failure."""
+    workers' CPU seconds since ready). With ``pin``, worker i runs on CPU i modulo the
+    CPUs this process may use. Every worker is stopped on the way out, also on failure."""
     procs: list[subprocess.Popen[str]] = []
     outputs: list[queue.Queue[str]] = []
 
@@ -153,11 +157,14 @@ def workers(
         return max(float(t) for t, _ in done), sum(float(cpu) for _, cpu in done)
 
     try:
-        for cfg in configs:
+        cpus = sorted(os.sched_getaffinity(0))
+        for index, cfg in enumerate(configs):
+            cpu = {cpus[index % len(cpus)]}
             proc = subprocess.Popen(
                 [sys.executable, str(WORKER), mode, json.dumps(cfg)],
                 stdout=subprocess.PIPE,
                 text=True,
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpu)) if pin else None,  # noqa: B023
             )
             procs.append(proc)
             outputs.append(queue.Queue())
@@ -230,6 +237,7 @@ def fogline_rollout(
     agents_per_thread: int = 1,
     remove_data: bool = False,
     thread_switches: bool = False,
+    pin: bool = False,
 ) -> tuple[float, float, dict[str, int]]:
     """Seconds from publish until all N serve v1, and the CPU seconds that took (this
     process, with the artifact service, plus the workers'; not the broker's)."""
@@ -258,7 +266,7 @@ def fogline_rollout(
             }
             for index, share in enumerate(split(n, processes))
         ]
-        agents = workers("fleet", configs)
+        agents = workers("fleet", configs, pin)
     try:
         with agents as wait_done:
             now = time.time()
@@ -329,7 +337,9 @@ def fogline_rollout(
             shutil.rmtree(data_root, ignore_errors=True)
 
 
-def paho_floor_split(n: int, settings: MqttSettings, payload: bytes, processes: int) -> float:
+def paho_floor_split(
+    n: int, settings: MqttSettings, payload: bytes, processes: int, pin: bool = False
+) -> float:
     """The floor with the same process split: N subscribers over K worker processes."""
     topic = f"bench-floor/{uuid.uuid4().hex[:8]}"
     configs = [
@@ -342,7 +352,7 @@ def paho_floor_split(n: int, settings: MqttSettings, payload: bytes, processes: 
         }
         for share in split(n, processes)
     ]
-    with workers("floor", configs) as wait_done:
+    with workers("floor", configs, pin) as wait_done:
         pub = paho.Client(CallbackAPIVersion.VERSION2)
         pub.connect(settings.host, settings.port)
         pub.loop_start()
@@ -433,6 +443,12 @@ def main() -> None:
         "until the end of the run; see fogline_rollout)",
     )
     parser.add_argument(
+        "--pin-cpus",
+        action="store_true",
+        help="run each process that hosts agents or floor subscribers on one CPU (the "
+        "same for Fogline and the floor; see the module docstring)",
+    )
+    parser.add_argument(
         "--thread-switches",
         action="store_true",
         help="print each one-process rollout's context switches by kind of thread "
@@ -456,6 +472,7 @@ def main() -> None:
     print("load average at the start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print(f"host speed at the start: sum(range(10**6)) in {python_speed_ms():.1f} ms")
     rows: list[tuple[int, int, int, list[tuple[float, float, float, str]]]] = []
+    all_cpus = sorted(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="fogline-bench-") as tmp:
         root = Path(tmp)
         broker = MosquittoBroker(workdir=root / "broker")
@@ -467,11 +484,16 @@ def main() -> None:
             for n in args.sizes:
                 for k, t in [(k, t) for k in splits for t in args.agents_per_thread]:
                     runs: list[tuple[float, float, float, str]] = []
+                    # One process: this thread's CPU, inherited by every thread the
+                    # measurement starts (floor subscribers, agents, artifact service).
+                    os.sched_setaffinity(
+                        0, {all_cpus[-1]} if args.pin_cpus and k == 1 else all_cpus
+                    )
                     for attempt in range(1, args.repeat + 1):
                         if k == 1:
                             floor = paho_floor(n, settings, artifact)
                         else:
-                            floor = paho_floor_split(n, settings, artifact, k)
+                            floor = paho_floor_split(n, settings, artifact, k, args.pin_cpus)
                         try:
                             fogline, cpu, stats = fogline_rollout(
                                 n,
@@ -483,6 +505,7 @@ def main() -> None:
                                 t,
                                 args.remove_between,
                                 args.thread_switches,
+                                args.pin_cpus,
                             )
                         except ConfigError as exc:  # e.g. a hard RLIMIT_NOFILE too low for N
                             print(f"N={n:4d} K={k} T={t}  not run: {exc}", flush=True)
