@@ -11,7 +11,7 @@ __all__ = ["python_speed_ms"]
 
 
 def python_speed_ms(repeat: int = 7) -> float:
-    """Median milliseconds of ``sum(range(10**6))``: 12 ms on a fast day, 17-21 on a slow."""
+    """Median milliseconds of ``sum(range(10**6))``: 12 ms on a fast day, 17-30 on a slow."""
     times = []
     for _ in range(repeat):
         start = time.perf_counter()

@@ -157,9 +157,9 @@ def workers(
         return max(float(t) for t, _ in done), sum(float(cpu) for _, cpu in done)
 
     try:
-        cpus = sorted(os.sched_getaffinity(0))
+        cpus = sorted(os.sched_getaffinity(0)) if pin else []
         for index, cfg in enumerate(configs):
-            cpu = {cpus[index % len(cpus)]}
+            cpu = {cpus[index % len(cpus)]} if pin else set()
             proc = subprocess.Popen(
                 [sys.executable, str(WORKER), mode, json.dumps(cfg)],
                 stdout=subprocess.PIPE,
@@ -297,8 +297,8 @@ def fogline_rollout(
                 key_id="x",
                 models={MODEL: DesiredModel(version=1)},
             )
-            # CLOCK_MONOTONIC is system-wide: comparable with the workers' timestamps.
             switches = snapshot() if thread_switches and processes == 1 else None
+            # CLOCK_MONOTONIC is system-wide: comparable with the workers' timestamps.
             cpu = time.process_time()
             started = time.monotonic()
             cloud.publish(
@@ -451,8 +451,8 @@ def main() -> None:
     parser.add_argument(
         "--thread-switches",
         action="store_true",
-        help="print each one-process rollout's context switches by kind of thread "
-        "(bench/_threads.py; Linux)",
+        help="print each one-process rollout's CPU time and context switches by kind of "
+        "thread (bench/_threads.py; Linux)",
     )
     args = parser.parse_args()
     if min(args.agents_per_thread) < 1:
@@ -472,7 +472,7 @@ def main() -> None:
     print("load average at the start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print(f"host speed at the start: sum(range(10**6)) in {python_speed_ms():.1f} ms")
     rows: list[tuple[int, int, int, list[tuple[float, float, float, str]]]] = []
-    all_cpus = sorted(os.sched_getaffinity(0))
+    all_cpus = sorted(os.sched_getaffinity(0)) if args.pin_cpus else []
     with tempfile.TemporaryDirectory(prefix="fogline-bench-") as tmp:
         root = Path(tmp)
         broker = MosquittoBroker(workdir=root / "broker")
@@ -484,11 +484,10 @@ def main() -> None:
             for n in args.sizes:
                 for k, t in [(k, t) for k in splits for t in args.agents_per_thread]:
                     runs: list[tuple[float, float, float, str]] = []
-                    # One process: this thread's CPU, inherited by every thread the
-                    # measurement starts (floor subscribers, agents, artifact service).
-                    os.sched_setaffinity(
-                        0, {all_cpus[-1]} if args.pin_cpus and k == 1 else all_cpus
-                    )
+                    if args.pin_cpus:
+                        # One process: this thread's CPU, inherited by every thread the
+                        # measurement starts (floor subscribers, agents, artifact service).
+                        os.sched_setaffinity(0, {all_cpus[-1]} if k == 1 else all_cpus)
                     for attempt in range(1, args.repeat + 1):
                         if k == 1:
                             floor = paho_floor(n, settings, artifact)
