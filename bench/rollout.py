@@ -492,7 +492,7 @@ def main() -> None:
                         if k == 1:
                             floor = paho_floor(n, settings, artifact)
                         else:
-                            floor = paho_floor_split(n, settings, artifact, k, args.pin_cpus)
+                            floor = paho_floor_split(n, settings, artifact, k, pin=args.pin_cpus)
                         try:
                             fogline, cpu, stats = fogline_rollout(
                                 n,
@@ -502,9 +502,9 @@ def main() -> None:
                                 root,
                                 k,
                                 t,
-                                args.remove_between,
-                                args.thread_switches,
-                                args.pin_cpus,
+                                remove_data=args.remove_between,
+                                thread_switches=args.thread_switches,
+                                pin=args.pin_cpus,
                             )
                         except ConfigError as exc:  # e.g. a hard RLIMIT_NOFILE too low for N
                             print(f"N={n:4d} K={k} T={t}  not run: {exc}", flush=True)
