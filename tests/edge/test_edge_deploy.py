@@ -258,3 +258,23 @@ def test_the_daemonset_config_loads_as_each_node_would_get_it(tmp_path: Path) ->
     assert config.http.host == "0.0.0.0"  # the kubelet's probes come from outside
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["port"] == config.http.port
+
+
+def test_the_systemd_unit_runs_the_agent_on_its_one_writable_directory(tmp_path: Path) -> None:
+    unit: dict[str, list[str]] = {}
+    for line in (ROOT / "deploy" / "systemd" / "fogline-edge.service").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            unit.setdefault(key, []).append(value)
+    program, *args = unit["ExecStart"][0].split()
+    assert Path(program).name == "fogline-edge" and args[:2] == ["run", "--config"]
+    env = dict(v.split("=", 1) for v in unit["Environment"])
+    writable = unit["ReadWritePaths"][0]
+    assert unit["StateDirectory"] == [Path(writable).name] and unit["WorkingDirectory"] == [
+        writable
+    ]
+    toml = tmp_path / "agent.toml"
+    toml.write_text(
+        f'device_id = "dev-7"\ndata_dir = "/elsewhere"\ntrusted_keys = ["{_public_key()}"]\n'
+    )
+    assert str(load_config(toml, env=env).data_dir) == writable  # the unit's value wins
