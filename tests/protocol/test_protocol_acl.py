@@ -10,7 +10,6 @@ per-client ordering means anything denied-but-delivered would have come first.
 from __future__ import annotations
 
 import importlib.util
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,10 +29,7 @@ from fogline.protocol import (
     free_port,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy" / "mosquitto"
 WAIT = 15.0
-PASSWORDS = {"fogline-cloud": "cloud-pw", "dev-1": "pw-1", "dev-2": "pw-2"}
 TOPICS = Topics()
 
 
@@ -43,6 +39,10 @@ def _load_sibling(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+_production = _load_sibling("_production_broker")
+PASSWORDS: dict[str, str] = _production.PASSWORDS
 
 
 class Inbox:
@@ -77,45 +77,14 @@ class Deployment:
         )
 
 
-def _production_config(tmp_path: Path, plain: int, tls: int, certs: Path) -> list[str]:
-    """deploy/mosquitto/mosquitto.conf with its container paths and ports moved."""
-    passwd = tmp_path / "passwd"
-    for i, (user, password) in enumerate(PASSWORDS.items()):
-        create = ["-c"] if i == 0 else []
-        subprocess.run(
-            ["mosquitto_passwd", *create, "-b", str(passwd), user, password],
-            check=True,
-            capture_output=True,
-        )
-    data = tmp_path / "data"
-    data.mkdir()
-    replacements = {
-        "/mosquitto/config/passwd": str(passwd),
-        "/mosquitto/config/acl": str(DEPLOY / "acl"),
-        "/mosquitto/config/certs/": f"{certs}/",
-        "/mosquitto/data/": f"{data}/",
-        "listener 1883 127.0.0.1": f"listener {plain} 127.0.0.1",
-        "listener 8883": f"listener {tls} 127.0.0.1",
-    }
-    lines = []
-    for line in (DEPLOY / "mosquitto.conf").read_text().splitlines():
-        if line.startswith("#") or line.startswith("log_dest"):
-            continue  # comments; and the test broker logs to its own file
-        for old, new in replacements.items():
-            line = line.replace(old, new)
-        lines.append(line)
-    text = "\n".join(lines)
-    assert " /mosquitto/" not in text, "a path in mosquitto.conf was not moved for the test"
-    return lines
-
-
 @pytest.fixture
 def deployment(private_mosquitto: Callable[..., MosquittoBroker], tmp_path: Path) -> Deployment:
     certs = tmp_path / "certs"
     certs.mkdir()
     ca, _cert, _key = _load_sibling("_tls").write_tls_material(certs)
     plain, tls = free_port(), free_port()
-    broker = private_mosquitto(_production_config(tmp_path, plain, tls, certs), port=plain)
+    config = _production.production_config(tmp_path, plain, tls, certs)
+    broker = private_mosquitto(config, port=plain)
     return Deployment(broker, tls, ca)
 
 

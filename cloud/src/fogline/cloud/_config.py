@@ -5,6 +5,11 @@ Precedence, lowest first: defaults, ``<data_dir>/cloud.toml`` (or an explicit fi
 options). Every field is a variable: ``FOGLINE_DATA_DIR``, ``FOGLINE_BROKER_URL``,
 ``FOGLINE_ACCURACY_BUDGET``, ``FOGLINE_SERVE__METRICS_PORT``, lists and tables as JSON
 (``FOGLINE_DEVICE_CLASSES='[{"name": "cpu-1t"}]'``).
+
+A production broker (``deploy/mosquitto``) wants a login and TLS: ``broker_username``,
+``broker_password``, ``broker_tls_ca`` (and ``broker_tls_cert``/``broker_tls_key`` for
+client certificates), e.g. ``FOGLINE_BROKER_PASSWORD``. Every cloud service shares the
+one connection :meth:`CloudSettings.mqtt_settings` describes.
 """
 
 from __future__ import annotations
@@ -14,9 +19,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from fogline.protocol import DEFAULT_PREFIX, MAX_CHUNK_SIZE, Identifier, TopicPrefix, Topics
+from fogline.protocol import (
+    DEFAULT_PREFIX,
+    MAX_CHUNK_SIZE,
+    Identifier,
+    MqttSettings,
+    TopicPrefix,
+    Topics,
+)
 from fogline.protocol import load_settings as load_config_model
 
 __all__ = [
@@ -77,6 +89,11 @@ class CloudSettings(BaseModel):
 
     data_dir: Path = DEFAULT_DATA_DIR
     broker_url: str = DEFAULT_BROKER_URL
+    broker_username: str | None = None
+    broker_password: SecretStr | None = None
+    broker_tls_ca: Path | None = None
+    broker_tls_cert: Path | None = None
+    broker_tls_key: Path | None = None
     topic_prefix: TopicPrefix = DEFAULT_PREFIX
     accuracy_budget: Annotated[float, Field(ge=0, le=100)] = 1.0
     device_classes: Annotated[list[DeviceClass], Field(min_length=1)] = Field(
@@ -87,6 +104,15 @@ class CloudSettings(BaseModel):
     artifact_workers: Annotated[int, Field(ge=1, le=64)] = 4
     artifact_share_group: Identifier | None = None
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str) -> str:
+        try:  # the transport's own rules, checked when the settings load
+            MqttSettings(url=value)
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        return value
 
     @field_validator("device_classes")
     @classmethod
@@ -99,6 +125,19 @@ class CloudSettings(BaseModel):
     @property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
+
+    def mqtt_settings(self, **tuning: Any) -> MqttSettings:
+        """The broker connection: ``broker_url`` with its login and TLS files;
+        ``tuning`` sets the other :class:`MqttSettings` fields (reconnect backoff...)."""
+        return MqttSettings(
+            url=self.broker_url,
+            username=self.broker_username,
+            password=self.broker_password,
+            tls_ca=self.broker_tls_ca,
+            tls_cert=self.broker_tls_cert,
+            tls_key=self.broker_tls_key,
+            **tuning,
+        )
 
     @property
     def key_path(self) -> Path:

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from fogline.protocol import FoglineError, MqttSettings, MqttTransport
+from fogline.protocol import FoglineError, MqttTransport
 
 from .._config import CloudSettings, load_settings
 
@@ -101,8 +101,6 @@ def settings_from(
 
 def connect(settings: CloudSettings, timeout: float = 5.0) -> MqttTransport:
     """A connected transport; :class:`BrokerUnavailableError` if nobody answers."""
-    transport = MqttTransport(
-        MqttSettings(url=settings.broker_url, reconnect_min_s=0.2, reconnect_max_s=2.0)
-    )
+    transport = MqttTransport(settings.mqtt_settings(reconnect_min_s=0.2, reconnect_max_s=2.0))
     transport.connect(timeout=timeout)
     return transport
