@@ -1,8 +1,9 @@
 """The shipped deployment files against the real agent. There is no Docker or Kubernetes
 here, so what a container would run is run directly: the compose setup's broker config
-by a real Mosquitto, its agent config by a real ``fogline-edge run`` that installs a
-signed release and answers over HTTP; the DaemonSet's config through the agent's own
-loader with the environment the DaemonSet gives it."""
+by a real Mosquitto, its agent config by a real ``fogline-edge run`` (installed as
+Dockerfile.edge installs it) that installs a signed release and answers over HTTP; the
+DaemonSet's config through the agent's own loader with the environment the DaemonSet
+gives it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import venv
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -147,9 +149,59 @@ def _get(url: str) -> tuple[int, dict[str, Any]]:
         return exc.code, json.loads(exc.read())
 
 
+@pytest.fixture(scope="module")
+def edge_image_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with what Dockerfile.edge installs: wheels of ./shared and ./edge and
+    their dependencies, nothing of the development environment."""
+    root = tmp_path_factory.mktemp("edge-image")
+    wheels = root / "wheels"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
+    subprocess.run(
+        [
+            *pip,
+            "wheel",
+            "--no-deps",
+            "--wheel-dir",
+            str(wheels),
+            str(ROOT / "shared"),
+            str(ROOT / "edge"),
+        ],
+        check=True,
+    )
+    venv.create(root / "venv", with_pip=True)
+    python = root / "venv" / "bin" / "python"
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "--disable-pip-version-check",
+            "--quiet",
+            "install",
+            "-c",
+            str(ROOT / "constraints-dev.txt"),
+            *map(str, sorted(wheels.glob("*.whl"))),
+        ],
+        check=True,
+    )
+    return python
+
+
+def test_the_edge_image_install_holds_the_agent_and_nothing_of_the_cloud(
+    edge_image_python: Path,
+) -> None:
+    probe = (
+        "import importlib.util as u, fogline.edge;"
+        "print([m for m in ('ray', 'torch', 'cryptography', 'fogline.cloud') if u.find_spec(m)])"
+    )
+    out = subprocess.run([str(edge_image_python), "-c", probe], check=True, capture_output=True)
+    assert out.stdout.decode().strip() == "[]"
+
+
 def test_an_agent_run_from_the_compose_config_installs_a_release_and_serves_it(
     private_mosquitto: Callable[..., MosquittoBroker],
     processes: list[subprocess.Popen[bytes]],
+    edge_image_python: Path,
     tmp_path: Path,
 ) -> None:
     port = free_port()
@@ -168,7 +220,7 @@ def test_an_agent_run_from_the_compose_config_installs_a_release_and_serves_it(
         "FOGLINE_HTTP__PORT": "0",
     }
     config: AgentConfig = load_config(DOCKER / "agent.toml", env=env)
-    exe = Path(sys.executable).with_name("fogline-edge")
+    exe = edge_image_python.with_name("fogline-edge")  # the container's agent, not ours
     proc = subprocess.Popen(
         [str(exe), "run", "--config", str(DOCKER / "agent.toml"), "--json"],
         env=env,
