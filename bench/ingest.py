@@ -5,8 +5,9 @@ publisher processes, one after the other in this one run:
 
 - **baseline**: a plain paho-mqtt subscriber that only counts messages;
 - **fogline**: a :class:`FleetMonitor` that decodes, validates and checks every message
-  and writes it to a SQLite registry. It is timed until the *store* holds every
-  heartbeat (committed), not merely until they arrived.
+  and writes it to its registry: SQLite, or with ``--store postgres`` a fresh schema in
+  the PostgreSQL at ``--postgres-url`` (dropped afterwards). It is timed until the
+  *store* holds every heartbeat (committed), not merely until they arrived.
 
 Two modes, both measured for both subscribers:
 
@@ -20,28 +21,31 @@ Two modes, both measured for both subscribers:
 The broker is configured with unlimited queues so nothing is dropped and both runs count
 every message.
 
-    .venv/bin/python bench/ingest.py [--messages 20000] [--publishers 2] [--devices 200] [--json]
+    .venv/bin/python bench/ingest.py [--messages 20000] [--publishers 2] [--devices 200]
+        [--store sqlite|postgres] [--postgres-url URL] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import paho.mqtt.client as paho
+import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fogline.cloud.fleet import FleetMonitor, SqliteFleetStore
+from fogline.cloud.fleet import FleetMonitor, FleetStore, PostgresFleetStore, SqliteFleetStore
 from fogline.protocol import (
     Heartbeat,
     MosquittoBroker,
@@ -52,6 +56,20 @@ from fogline.protocol import (
 )
 
 QOS = 1
+LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@contextlib.contextmanager
+def _postgres_schema(url: str) -> Iterator[str]:
+    """A URL whose search_path is a fresh schema, dropped afterwards."""
+    schema = f"bench_ingest_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def _heartbeats(topics: Topics, messages: int, devices: int) -> list[tuple[str, bytes]]:
@@ -219,11 +237,16 @@ def _fogline(
     progress: Progress,
     workdir: Path,
     drain: bool,
+    postgres_url: str | None,
 ) -> tuple[float, int]:
     client_id = f"bench-fleet-{uuid.uuid4().hex[:8]}"
     if drain:
         _prime(broker, client_id, topics.all_device("heartbeat"), items, publishers)
-    store = SqliteFleetStore(workdir / f"{client_id}.sqlite3")
+    store: FleetStore = (
+        PostgresFleetStore(postgres_url)
+        if postgres_url is not None
+        else SqliteFleetStore(workdir / f"{client_id}.sqlite3")
+    )
     transport = MqttTransport(
         MqttSettings(url=broker.url), client_id=client_id, clean_session=not drain
     )
@@ -253,6 +276,8 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--publishers", type=int, default=2)
     parser.add_argument("--devices", type=int, default=200)
+    parser.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--postgres-url", default=LOCAL_POSTGRES, help="with --store postgres")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     console = Console(stderr=args.json)
@@ -280,9 +305,15 @@ def main() -> None:
                     base_s = _baseline(broker, topics, items, args.publishers, progress, drain)
                     topics = Topics(f"bench/{uuid.uuid4().hex[:8]}")
                     items = _heartbeats(topics, args.messages, args.devices)
-                    fog_s, stored = _fogline(
-                        broker, topics, items, args.publishers, progress, workdir, drain
-                    )
+                    with contextlib.ExitStack() as schema:
+                        url = (
+                            schema.enter_context(_postgres_schema(args.postgres_url))
+                            if args.store == "postgres"
+                            else None
+                        )
+                        fog_s, stored = _fogline(
+                            broker, topics, items, args.publishers, progress, workdir, drain, url
+                        )
                     if stored != args.messages:
                         raise RuntimeError(f"{mode}: {stored}/{args.messages} in the store")
                     base, fog = args.messages / base_s, args.messages / fog_s
@@ -300,13 +331,15 @@ def main() -> None:
                     "messages": args.messages,
                     "publishers": args.publishers,
                     "devices": args.devices,
+                    "store": args.store,
                     **results,
                 }
             )
         )
         return
     table = Table(title=f"Heartbeat ingest, {args.messages} heartbeats (same broker, same run)")
-    for col in ("mode", "plain paho-mqtt (count only)", "Fogline monitor (into SQLite)", "ratio"):
+    store = {"sqlite": "SQLite", "postgres": "PostgreSQL"}[args.store]
+    for col in ("mode", "plain paho-mqtt (count only)", f"Fogline monitor (into {store})", "ratio"):
         table.add_column(col)
     for mode, r in results.items():
         table.add_row(

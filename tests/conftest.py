@@ -1,13 +1,18 @@
-"""Fixtures shared by every test folder: real brokers and one local Ray instance.
+"""Fixtures shared by every test folder: real brokers, one local Ray instance and a
+real PostgreSQL.
 
 Brokers are real: Mosquitto started on a free port (or the embedded amqtt broker where
 a test asks for it). A missing ``mosquitto`` is an error, never a skip: CI installs it.
+PostgreSQL is the machine's (``$FOGLINE_TEST_POSTGRES_URL``, default the local server's
+``test`` database); each test gets a schema of its own, dropped afterwards. No server is
+an error too.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +20,10 @@ from typing import Any
 import pytest
 
 from fogline.protocol import EmbeddedBroker, MosquittoBroker, MqttSettings, MqttTransport
+
+POSTGRES_URL = os.environ.get(
+    "FOGLINE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -123,3 +132,22 @@ def ray_session() -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A URL whose ``search_path`` is a fresh schema in the test database."""
+    import psycopg
+
+    schema = f"fogtest_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(f"CREATE SCHEMA {schema}")
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"no PostgreSQL at {POSTGRES_URL} (set FOGLINE_TEST_POSTGRES_URL): {exc}")
+    separator = "&" if "?" in POSTGRES_URL else "?"
+    try:
+        yield f"{POSTGRES_URL}{separator}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -15,6 +15,7 @@ import yaml
 
 from fogline.cloud import load_settings
 from fogline.cloud.cli._common import connect
+from fogline.cloud.fleet import load_fleet_settings
 from fogline.protocol import (
     BrokerUnavailableError,
     ConfigError,
@@ -102,3 +103,13 @@ def test_the_raycluster_head_gets_the_login_of_the_production_broker() -> None:
     assert str(mqtt.tls_ca).startswith(mounts["broker-ca"] + "/")
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "secret" in volumes["broker-ca"]
+    # The fleet registry's PostgreSQL URL comes from an optional Secret.
+    (store,) = (v for v in head["env"] if v["name"] == "FOGLINE_FLEET__STORE_URL")
+    assert store["valueFrom"]["secretKeyRef"]["optional"] is True
+    fleet_env = {**env, "FOGLINE_FLEET__STORE_URL": "postgresql://fleet:pw@db/fogline"}
+    fleet = load_fleet_settings(env=fleet_env)
+    assert fleet.store_location == "postgresql://fleet:***@db/fogline"
+    assert (
+        load_fleet_settings(env={k: v for k, v in env.items() if "FLEET" not in k}).store_url
+        is None
+    )

@@ -1,6 +1,8 @@
 """Fixtures for the fleet monitor tests: a topic prefix of each test's own (retained
 messages on the shared broker never leak between tests), fake devices that publish real
-protocol messages with a real MqttTransport, and monitors that are always closed."""
+protocol messages with a real MqttTransport, monitors that are always closed, and fleet
+stores on both backends: tests that take ``fleet_store`` or ``open_store`` run on a real
+SQLite file and on a real PostgreSQL schema."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from fogline.cloud.fleet import FleetMonitor, SqliteFleetStore
+from fogline.cloud.fleet import FleetMonitor, FleetStore, PostgresFleetStore, SqliteFleetStore
 from fogline.protocol import (
     DeviceEvent,
     DeviceState,
@@ -78,8 +80,38 @@ def store_path(tmp_path: Path) -> Path:
     return tmp_path / "data" / "fleet.sqlite3"
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(
+    request: pytest.FixtureRequest, store_path: Path
+) -> Iterator[Callable[..., FleetStore]]:
+    """Factory: ``open_store(readonly=False)`` opens another store object on this test's
+    one database (a SQLite file, or a PostgreSQL schema); all are closed at the end."""
+    opened: list[FleetStore] = []
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+
+    def open_(readonly: bool = False) -> FleetStore:
+        store: FleetStore = (
+            PostgresFleetStore(url, readonly=readonly)
+            if url is not None
+            else SqliteFleetStore(store_path, readonly=readonly)
+        )
+        opened.append(store)
+        return store
+
+    try:
+        yield open_
+    finally:
+        for store in reversed(opened):
+            store.close()
+
+
 @pytest.fixture
-def fleet_store(store_path: Path) -> Iterator[SqliteFleetStore]:
+def fleet_store(open_store: Callable[..., FleetStore]) -> FleetStore:
+    return open_store()
+
+
+@pytest.fixture
+def sqlite_store(store_path: Path) -> Iterator[SqliteFleetStore]:
     store = SqliteFleetStore(store_path)
     try:
         yield store
@@ -104,7 +136,7 @@ def start_monitor(
     """Factory: start a monitor on the test's prefix; every one is closed at the end."""
     started: list[FleetMonitor] = []
 
-    def start(store: SqliteFleetStore, **kwargs: Any) -> FleetMonitor:
+    def start(store: FleetStore, **kwargs: Any) -> FleetMonitor:
         kwargs.setdefault("heartbeat_interval_s", 1.0)
         monitor = FleetMonitor(mqtt_settings, store, topics, **kwargs)
         started.append(monitor)

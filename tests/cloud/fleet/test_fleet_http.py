@@ -14,9 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from fogline.cloud.fleet import (
     AttentionItem,
     FleetMonitor,
+    FleetStore,
     FleetWebServer,
     Observed,
-    SqliteFleetStore,
     render_html,
     summarize,
 )
@@ -26,7 +26,7 @@ HB = Callable[..., Heartbeat]
 
 
 @pytest.fixture
-def web(fleet_store: SqliteFleetStore) -> Iterator[FleetWebServer]:
+def web(fleet_store: FleetStore) -> Iterator[FleetWebServer]:
     server = FleetWebServer(fleet_store, port=0)
     server.start()
     try:
@@ -51,7 +51,7 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def _fill(store: SqliteFleetStore, hb: HB) -> None:
+def _fill(store: FleetStore, hb: HB) -> None:
     store.apply(
         [
             Observed(
@@ -86,7 +86,7 @@ def _fill(store: SqliteFleetStore, hb: HB) -> None:
 
 
 def test_metrics_endpoint(
-    web: FleetWebServer, fleet_store: SqliteFleetStore, heartbeat_factory: HB
+    web: FleetWebServer, fleet_store: FleetStore, heartbeat_factory: HB
 ) -> None:
     _fill(fleet_store, heartbeat_factory)
     status, ctype, text = _get(f"{web.url}/metrics")
@@ -117,7 +117,7 @@ def test_empty_fleet_metrics_leave_unknowns_out(web: FleetWebServer) -> None:
 
 
 def test_page_json_and_unknown_paths(
-    web: FleetWebServer, fleet_store: SqliteFleetStore, heartbeat_factory: HB
+    web: FleetWebServer, fleet_store: FleetStore, heartbeat_factory: HB
 ) -> None:
     _fill(fleet_store, heartbeat_factory)
     status, ctype, page = _get(f"{web.url}/")
@@ -131,7 +131,7 @@ def test_page_json_and_unknown_paths(
     assert _get(f"{web.url}/nope")[0] == 404
 
 
-def test_monitor_stats_are_exported(fleet_store: SqliteFleetStore, mqtt_settings: Any) -> None:
+def test_monitor_stats_are_exported(fleet_store: FleetStore, mqtt_settings: Any) -> None:
     monitor = FleetMonitor(mqtt_settings, fleet_store)  # not started: stats are all zero
     with FleetWebServer(fleet_store, port=0, stats=monitor.stats) as server:
         m = _samples(_get(f"{server.url}/metrics")[2])
@@ -139,7 +139,7 @@ def test_monitor_stats_are_exported(fleet_store: SqliteFleetStore, mqtt_settings
     assert m[("fogline_fleet_queue_depth", ())] == 0
 
 
-def test_port_in_use_is_a_clear_error(web: FleetWebServer, fleet_store: SqliteFleetStore) -> None:
+def test_port_in_use_is_a_clear_error(web: FleetWebServer, fleet_store: FleetStore) -> None:
     port = int(web.url.rsplit(":", 1)[1])
     with pytest.raises(FleetError, match=f"127.0.0.1:{port}"):
         FleetWebServer(fleet_store, port=port)

@@ -1,4 +1,5 @@
-"""The fleet monitor against a real Mosquitto and real SQLite files."""
+"""The fleet monitor against a real Mosquitto, on real SQLite files and a real
+PostgreSQL (tests taking ``fleet_store`` or ``open_store`` run on both)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,12 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 
-from fogline.cloud.fleet import FleetMonitor, SqliteFleetStore, summarize
+from fogline.cloud.fleet import FleetMonitor, FleetStore, summarize
 from fogline.protocol import (
     MqttSettings,
     MqttTransport,
@@ -24,11 +24,12 @@ from fogline.protocol import (
 )
 
 StartMonitor = Callable[..., FleetMonitor]
+OpenStore = Callable[..., FleetStore]
 Wait = Callable[..., None]
 
 
 def test_ingest_builds_the_registry_and_summary(
-    fleet_store: SqliteFleetStore,
+    fleet_store: FleetStore,
     start_monitor: StartMonitor,
     devices: Any,
     wait: Wait,
@@ -96,7 +97,7 @@ def test_ingest_builds_the_registry_and_summary(
 
 
 def test_malformed_telemetry_is_counted_and_ignored(
-    fleet_store: SqliteFleetStore,
+    fleet_store: FleetStore,
     start_monitor: StartMonitor,
     devices: Any,
     topics: Topics,
@@ -149,7 +150,7 @@ def devices_state_message() -> object:
 
 
 def test_missed_heartbeats_mark_offline_and_a_heartbeat_brings_it_back(
-    fleet_store: SqliteFleetStore,
+    fleet_store: FleetStore,
     start_monitor: StartMonitor,
     devices: Any,
     wait: Wait,
@@ -204,7 +205,7 @@ def _spawn_device(url: str, prefix: str, device: str) -> subprocess.Popen[str]:
 
 
 def test_last_will_marks_offline_and_restart_brings_it_back(
-    fleet_store: SqliteFleetStore,
+    fleet_store: FleetStore,
     start_monitor: StartMonitor,
     broker_url: str,
     topics: Topics,
@@ -232,12 +233,12 @@ def test_last_will_marks_offline_and_restart_brings_it_back(
 
 
 def test_registry_survives_a_monitor_restart(
-    store_path: Path,
+    open_store: OpenStore,
     start_monitor: StartMonitor,
     devices: Any,
     wait: Wait,
 ) -> None:
-    store = SqliteFleetStore(store_path)
+    store = open_store()
     try:
         monitor = start_monitor(store, heartbeat_interval_s=30.0)
         devices.state("keeper")
@@ -248,12 +249,12 @@ def test_registry_survives_a_monitor_restart(
         monitor.close()
     finally:
         store.close()
-    first = SqliteFleetStore(store_path, readonly=True)
+    first = open_store(readonly=True)
     try:
         before = first.device("keeper")
     finally:
         first.close()
-    store = SqliteFleetStore(store_path)
+    store = open_store()
     try:
         monitor = start_monitor(store, heartbeat_interval_s=30.0)
         wait(lambda: monitor.stats().received.get("state") == 1, what="retained state")
@@ -276,12 +277,12 @@ def test_registry_survives_a_monitor_restart(
 
 
 def test_shared_subscription_replicas_split_the_load(
-    store_path: Path,
+    open_store: OpenStore,
     start_monitor: StartMonitor,
     devices: Any,
     wait: Wait,
 ) -> None:
-    stores = [SqliteFleetStore(store_path), SqliteFleetStore(store_path)]
+    stores = [open_store(), open_store()]
     try:
         replicas = [
             start_monitor(s, heartbeat_interval_s=30.0, shared_group="fleet") for s in stores
@@ -319,7 +320,7 @@ def test_shared_subscription_replicas_split_the_load(
 
 
 def test_monitor_with_a_shared_transport_leaves_it_open(
-    fleet_store: SqliteFleetStore,
+    fleet_store: FleetStore,
     mqtt_settings: MqttSettings,
     topics: Topics,
     devices: Any,

@@ -1,4 +1,5 @@
-"""The SQLite fleet store and the fleet settings, on real files."""
+"""The fleet stores (a real SQLite file, a real PostgreSQL schema) and the fleet
+settings. Tests taking ``fleet_store`` run on both backends."""
 
 from __future__ import annotations
 
@@ -28,13 +29,13 @@ from fogline.protocol import (
 HB = Callable[..., Heartbeat]
 
 
-def test_sqlite_store_is_a_fleet_store(fleet_store: SqliteFleetStore) -> None:
-    assert isinstance(fleet_store, FleetStore)
-    mode = sqlite3.connect(fleet_store.path).execute("PRAGMA journal_mode").fetchone()[0]
+def test_sqlite_store_is_a_fleet_store(sqlite_store: SqliteFleetStore) -> None:
+    assert isinstance(sqlite_store, FleetStore)
+    mode = sqlite3.connect(sqlite_store.path).execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
 
 
-def test_apply_and_read_back(fleet_store: SqliteFleetStore, heartbeat_factory: HB) -> None:
+def test_apply_and_read_back(fleet_store: FleetStore, heartbeat_factory: HB) -> None:
     batch = [
         Observed(DeviceState(device_id="a", status="online", at=1.0), 10.0),
         Observed(heartbeat_factory("a", 1, requests=3), 11.0),
@@ -52,7 +53,7 @@ def test_apply_and_read_back(fleet_store: SqliteFleetStore, heartbeat_factory: H
     assert fleet_store.events("nope") == []
 
 
-def test_events_are_bounded_per_device(fleet_store: SqliteFleetStore) -> None:
+def test_events_are_bounded_per_device(fleet_store: FleetStore) -> None:
     for chunk in range(3):
         fleet_store.apply(
             [
@@ -69,9 +70,7 @@ def test_events_are_bounded_per_device(fleet_store: SqliteFleetStore) -> None:
         assert [e.detail for e in events[:2]] == ["89", "88"]  # newest first
 
 
-def test_sweep_marks_silent_devices_offline(
-    fleet_store: SqliteFleetStore, heartbeat_factory: HB
-) -> None:
+def test_sweep_marks_silent_devices_offline(fleet_store: FleetStore, heartbeat_factory: HB) -> None:
     fleet_store.apply(
         [
             Observed(heartbeat_factory("fast", interval_s=1.0), 100.0),

@@ -4,6 +4,8 @@ summary, Prometheus metrics, a web page and the ``fogline fleet`` CLI (in ``.cli
 from ._config import FleetSettings, default_data_dir, load_fleet_settings
 from ._metrics import FleetCollector, fleet_registry
 from ._monitor import FleetMonitor, MonitorStats, RejectReason
+from ._open import open_fleet_store
+from ._postgres import PostgresFleetStore
 from ._records import (
     DeviceRecord,
     DeviceStatus,
@@ -48,6 +50,7 @@ __all__ = [
     "MonitorStats",
     "Observed",
     "OfflineReason",
+    "PostgresFleetStore",
     "RecentWindow",
     "RejectReason",
     "SqliteFleetStore",
@@ -60,6 +63,7 @@ __all__ = [
     "fleet_registry",
     "load_fleet_settings",
     "mark_offline",
+    "open_fleet_store",
     "render_html",
     "summarize",
 ]

@@ -8,6 +8,10 @@ for any field, ``__`` between levels (``FOGLINE_FLEET__MISSED_HEARTBEATS=5``,
 ``FOGLINE_FLEET__THRESHOLDS__P99_HIGH_MS=80``), plus the names shared with the rest of the
 cloud: ``FOGLINE_DATA_DIR``, ``FOGLINE_BROKER_URL`` (``mqtt.url``) and
 ``FOGLINE_TOPIC_PREFIX``.
+
+The registry is SQLite under ``data_dir`` unless ``store_url`` names a PostgreSQL
+database (``FOGLINE_FLEET__STORE_URL=postgresql://fleet@db/fogline``), which replicas on
+several hosts can share.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from fogline.protocol import (
     DEFAULT_PREFIX,
@@ -28,6 +32,7 @@ from fogline.protocol import (
     validate_id,
 )
 
+from ._postgres import redact_url
 from ._sqlite import FLEET_DB_NAME
 from ._summary import AttentionThresholds
 
@@ -63,11 +68,24 @@ class FleetSettings(BaseModel):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     thresholds: AttentionThresholds = AttentionThresholds()
+    # Secret: the URL may hold a password.
+    store_url: SecretStr | None = None
 
     @field_validator("shared_group")
     @classmethod
     def _check_group(cls, value: str | None) -> str | None:
         return None if value is None else validate_id(value, "shared group")
+
+    @field_validator("store_url")
+    @classmethod
+    def _check_store_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            scheme = value.get_secret_value().partition("://")[0]
+            if scheme not in ("postgresql", "postgres"):
+                raise ValueError(
+                    "must be a postgresql:// URL (leave it unset for SQLite under data_dir)"
+                )
+        return value
 
     @property
     def topics(self) -> Topics:
@@ -75,7 +93,15 @@ class FleetSettings(BaseModel):
 
     @property
     def store_path(self) -> Path:
+        """The SQLite file, used when ``store_url`` is unset."""
         return self.data_dir / FLEET_DB_NAME
+
+    @property
+    def store_location(self) -> str:
+        """Where the registry is, fit to print (no password)."""
+        if self.store_url is None:
+            return str(self.store_path)
+        return redact_url(self.store_url.get_secret_value())
 
 
 def load_fleet_settings(

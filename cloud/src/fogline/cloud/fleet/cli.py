@@ -26,8 +26,9 @@ from fogline.protocol import FoglineError
 
 from ._config import FleetSettings, load_fleet_settings
 from ._monitor import FleetMonitor
+from ._open import open_fleet_store
 from ._render import device_detail, devices_table, summary_view
-from ._sqlite import SqliteFleetStore
+from ._store import FleetStore
 from ._summary import summarize
 from ._web import FleetWebServer
 
@@ -58,7 +59,7 @@ Interval = Annotated[
 # Bounds --watch for tests and scripts; hidden because people use Ctrl-C.
 WatchCount = Annotated[int | None, typer.Option("--watch-count", hidden=True, min=1)]
 
-Frame = Callable[[SqliteFleetStore], tuple[Any, RenderableType]]
+Frame = Callable[[FleetStore], tuple[Any, RenderableType]]
 
 
 def _fail(exc: FoglineError, as_json: bool) -> NoReturn:
@@ -76,9 +77,9 @@ def _settings(config: Path | None, **overrides: Any) -> FleetSettings:
 
 
 @contextmanager
-def _reader(config: Path | None, data_dir: Path | None) -> Iterator[SqliteFleetStore]:
+def _reader(config: Path | None, data_dir: Path | None) -> Iterator[FleetStore]:
     settings = _settings(config, data_dir=data_dir)
-    store = SqliteFleetStore(settings.store_path, readonly=True)
+    store = open_fleet_store(settings, readonly=True)
     try:
         yield store
     finally:
@@ -138,7 +139,7 @@ def status(
     """Fleet summary: devices, model versions, latency, offload, budgets, attention list."""
     thresholds = None
 
-    def frame(store: SqliteFleetStore) -> tuple[Any, RenderableType]:
+    def frame(store: FleetStore) -> tuple[Any, RenderableType]:
         nonlocal thresholds
         if thresholds is None:
             thresholds = _settings(config, data_dir=data_dir).thresholds
@@ -168,7 +169,7 @@ def devices(
 ) -> None:
     """List the devices in the registry."""
 
-    def frame(store: SqliteFleetStore) -> tuple[Any, RenderableType]:
+    def frame(store: FleetStore) -> tuple[Any, RenderableType]:
         rows = [d for d in store.devices() if not (offline and d.online)]
         return [d.model_dump(mode="json") for d in rows], devices_table(rows)
 
@@ -192,7 +193,7 @@ def show(
 ) -> None:
     """One device: its record and recent events."""
 
-    def frame(store: SqliteFleetStore) -> tuple[Any, RenderableType]:
+    def frame(store: FleetStore) -> tuple[Any, RenderableType]:
         record = store.device(device_id)
         events = store.events(device_id)
         data = {
@@ -260,7 +261,7 @@ def _run_monitor(settings: FleetSettings, as_json: bool, connect_timeout: float)
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    store = SqliteFleetStore(settings.store_path)
+    store = open_fleet_store(settings)
     try:
         mon = FleetMonitor(
             settings.mqtt,
@@ -282,7 +283,7 @@ def _run_monitor(settings: FleetSettings, as_json: bool, connect_timeout: float)
             mon.start(connect_timeout)
             started = {
                 "broker": settings.mqtt.url,
-                "store": str(settings.store_path),
+                "store": settings.store_location,
                 "metrics_url": f"{web.url}/metrics",
                 "page_url": f"{web.url}/",
             }
@@ -291,7 +292,7 @@ def _run_monitor(settings: FleetSettings, as_json: bool, connect_timeout: float)
             else:
                 Console().print(
                     f"fleet monitor on [bold]{settings.mqtt.url}[/bold]; page {web.url}/, "
-                    f"metrics {web.url}/metrics, store {settings.store_path}. Ctrl-C stops."
+                    f"metrics {web.url}/metrics, store {settings.store_location}. Ctrl-C stops."
                 )
             while not stop.wait(0.5):
                 pass

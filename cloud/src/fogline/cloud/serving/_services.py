@@ -22,11 +22,11 @@ from .._artifacts import ArtifactService
 from .._config import CloudSettings
 from .._registry import ModelRecord, Registry
 from ..fleet import (
-    FLEET_DB_NAME,
     FleetMonitor,
     FleetSettings,
+    FleetStore,
     FleetWebServer,
-    SqliteFleetStore,
+    open_fleet_store,
 )
 from ._bridge import InferenceBridge, ServedModel
 from ._deployment import DeployedModel, undeploy
@@ -55,7 +55,7 @@ class CloudServices:
     bridge: InferenceBridge | None = None
     follower: ReleaseFollower | None = None
     monitor: FleetMonitor | None = None
-    fleet_store: SqliteFleetStore | None = None
+    fleet_store: FleetStore | None = None
     web: FleetWebServer | None = None
     _closers: list[tuple[str, Callable[[], None]]] = field(default_factory=list, repr=False)
 
@@ -221,7 +221,7 @@ def _start_fleet(
     group: str | None,
 ) -> None:
     tuning = fleet_settings or FleetSettings(data_dir=settings.data_dir)
-    store = SqliteFleetStore(settings.data_dir / FLEET_DB_NAME)
+    store = open_fleet_store(tuning)
     try:
         monitor = FleetMonitor(
             transport,
