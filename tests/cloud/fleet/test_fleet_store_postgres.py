@@ -181,4 +181,4 @@ def test_cli_reads_a_postgres_store(
     monkeypatch.setenv("FOGLINE_FLEET__STORE_URL", "postgresql://postgres@127.0.0.1:1/test")
     result = runner.invoke(app, ["status", "--json"])
     assert result.exit_code != 0
-    assert json.loads(result.stdout)["error"]["code"] == "fleet_error"
+    assert json.loads(result.stdout)["error"]["code"] == "fleet_store_unavailable"

@@ -29,6 +29,7 @@ ever need to catch what is drawn here::
     ├── CloudUnavailableError        the cloud path is down (timeout, breaker open)
     ├── RegistryError                the model registry refused an operation
     ├── FleetError                   the fleet monitor's store failed or refused an operation
+    │   ├── FleetStoreUnavailableError  the store cannot be reached or is locked (retry)
     │   └── UnknownDeviceError       no such device in the fleet registry
     └── TrainingError                training, export or quantization failed
 """
@@ -44,6 +45,7 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "FleetError",
+    "FleetStoreUnavailableError",
     "FoglineError",
     "InferenceInputError",
     "InvalidIdError",
@@ -181,6 +183,13 @@ class TrainingError(FoglineError):
 
 class FleetError(FoglineError):
     code = "fleet_error"
+
+
+class FleetStoreUnavailableError(FleetError):
+    """Transient: the database is down, unreachable or locked; the same write may work
+    later. Other fleet errors (a corrupt record, a newer schema) will not."""
+
+    code = "fleet_store_unavailable"
 
 
 class UnknownDeviceError(FleetError):

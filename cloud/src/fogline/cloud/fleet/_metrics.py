@@ -154,6 +154,11 @@ class FleetCollector(Collector):
             "fogline_fleet_messages_applied", "Messages written to the store", value=st.applied
         )
         yield CounterMetricFamily(
+            "fogline_fleet_write_retries",
+            "Store writes that failed and were tried again",
+            value=st.write_retries,
+        )
+        yield CounterMetricFamily(
             "fogline_fleet_write_failures",
             "Messages lost to failed store writes",
             value=st.write_failures,

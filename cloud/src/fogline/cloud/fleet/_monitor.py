@@ -34,6 +34,7 @@ from fogline.protocol import (
     DeviceEvent,
     DeviceState,
     FleetError,
+    FleetStoreUnavailableError,
     Heartbeat,
     Message,
     MqttMessage,
@@ -59,6 +60,9 @@ _EXPECTED: dict[Leaf, type[Message]] = {
     "events": DeviceEvent,
 }
 _STOP = object()
+_RETRY_FIRST_S = 0.2
+_RETRY_MAX_S = 5.0
+_ATTEMPTS_WHEN_STOPPING = 3
 
 
 class MonitorStats(BaseModel):
@@ -71,6 +75,7 @@ class MonitorStats(BaseModel):
     applied: int
     batches: int
     marked_offline: int
+    write_retries: int
     write_failures: int
     queue_depth: int
 
@@ -131,7 +136,9 @@ class FleetMonitor:
         self._stats_lock = threading.Lock()
         self._received: Counter[str] = Counter()
         self._rejected: Counter[str] = Counter()
-        self._applied = self._batches = self._marked_offline = self._write_failures = 0
+        self._applied = self._batches = self._marked_offline = 0
+        self._write_retries = self._write_failures = 0
+        self._gave_up = False  # a store write given up on while stopping
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started_at = 0.0
@@ -218,6 +225,7 @@ class FleetMonitor:
                 applied=self._applied,
                 batches=self._batches,
                 marked_offline=self._marked_offline,
+                write_retries=self._write_retries,
                 write_failures=self._write_failures,
                 queue_depth=self._queue.qsize(),
             )
@@ -317,22 +325,53 @@ class FleetMonitor:
     def _apply(self, items: list[Observed]) -> None:
         if not items:
             return
-        for attempt in range(3):
+        failures = 0
+        while True:
             try:
                 applied = self.store.apply(items)
-            except FleetError as exc:
-                # Usually a database locked by another replica for longer than the
-                # busy timeout: try again before giving up on the batch.
-                log.warning("fleet store write failed (attempt %d): %s", attempt + 1, exc.message)
-                time.sleep(0.2 * (attempt + 1))
+            except FleetStoreUnavailableError as exc:
+                # The database is down or locked: hold the batch until it is back. The
+                # queue fills meanwhile, then back-pressure reaches the broker, which
+                # keeps the rest (QoS 1). Only a monitor that is stopping gives up.
+                failures += 1
+                with self._stats_lock:
+                    self._write_retries += 1
+                if failures == 1 or failures % 20 == 0:
+                    log.warning(
+                        "fleet store unavailable (%d failed writes): %s", failures, exc.message
+                    )
+                if self._stop.is_set():
+                    # Stopping: a few tries, and none for the batches after one that
+                    # gave up, so close() is not held up by a database that is gone.
+                    if self._gave_up or failures >= _ATTEMPTS_WHEN_STOPPING:
+                        self._gave_up = True
+                        break
+                    time.sleep(_RETRY_FIRST_S * failures)
+                else:
+                    self._stop.wait(min(_RETRY_MAX_S, _RETRY_FIRST_S * 2 ** min(failures, 6)))
                 continue
+            except FleetError as exc:
+                # Not a passing outage: trying again will not help. A corrupt record of
+                # one device must not cost the others their messages, so a batch is
+                # written again one message per transaction and only what fails is lost.
+                failures += 1
+                log.warning("fleet store write of %d failed: %s", len(items), exc.message)
+                if len(items) > 1:
+                    for item in items:
+                        self._apply([item])
+                    return
+                break
             with self._stats_lock:
                 self._applied += applied
                 self._batches += 1
+            if failures:
+                log.info("fleet store write succeeded after %d failed attempts", failures)
             return
         with self._stats_lock:
             self._write_failures += len(items)
-        log.error("dropped a batch of %d fleet messages after 3 failed writes", len(items))
+        log.error(
+            "dropped a batch of %d fleet messages after %d failed writes", len(items), failures
+        )
 
     def _sweep(self, sweep: Sweep) -> None:
         try:

@@ -25,7 +25,7 @@ import psycopg
 import psycopg_pool
 from pydantic import ValidationError
 
-from fogline.protocol import FleetError, UnknownDeviceError
+from fogline.protocol import FleetError, FleetStoreUnavailableError, UnknownDeviceError
 
 from ._records import DeviceRecord, EventRecord
 from ._store import MAX_EVENTS_PER_DEVICE, FoldingStore, Sweep
@@ -139,12 +139,16 @@ class PostgresFleetStore(FoldingStore):
 
     @contextlib.contextmanager
     def _guard(self, action: str) -> Iterator[None]:
-        """The one place where psycopg and record-parsing errors become FleetError."""
+        """The one place where psycopg and record-parsing errors become FleetError:
+        :class:`FleetStoreUnavailableError` for what may pass (the server is down or
+        unreachable, a connection was dropped, a deadlock or serialization failure)."""
         try:
             yield
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise FleetError(
+            transient = isinstance(exc, psycopg.OperationalError | psycopg_pool.PoolTimeout)
+            error = FleetStoreUnavailableError if transient else FleetError
+            raise error(
                 f"fleet store {self.location}: {action} failed: {detail.replace(self.url, '')}"
             ) from None
         except ValidationError as exc:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from fogline.protocol import FleetError, UnknownDeviceError
+from fogline.protocol import FleetError, FleetStoreUnavailableError, UnknownDeviceError
 
 from ._records import DeviceRecord, EventRecord
 from ._store import MAX_EVENTS_PER_DEVICE, FoldingStore, Sweep
@@ -97,11 +97,14 @@ class SqliteFleetStore(FoldingStore):
 
     @contextlib.contextmanager
     def _guard(self, action: str) -> Iterator[None]:
-        """The one place where sqlite3 and record-parsing errors become FleetError."""
+        """The one place where sqlite3 and record-parsing errors become FleetError
+        (:class:`FleetStoreUnavailableError` for a database locked past the timeout)."""
         try:
             yield
         except sqlite3.Error as exc:
-            raise FleetError(f"fleet store {self.path}: {action} failed: {exc}") from None
+            locked = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+            error = FleetStoreUnavailableError if locked else FleetError
+            raise error(f"fleet store {self.path}: {action} failed: {exc}") from None
         except ValidationError as exc:
             raise FleetError(
                 f"fleet store {self.path}: {action}: a stored record is corrupt: "
