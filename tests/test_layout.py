@@ -46,6 +46,7 @@ PROTOCOL_API = [
     "ErrorReply",
     "EventKind",
     "FleetError",
+    "FleetStoreUnavailableError",
     "FoglineError",
     "Heartbeat",
     "Identifier",

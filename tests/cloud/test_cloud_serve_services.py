@@ -246,6 +246,27 @@ def test_serves_inference_records_heartbeats_and_closes_everything(
     services.close()  # idempotent
 
 
+def test_the_fleet_monitor_uses_postgres_when_the_fleet_settings_name_it(
+    cloud: Callable[..., CloudServices], device: Device, postgres_url: str
+) -> None:
+    from fogline.cloud.fleet import FleetSettings, PostgresFleetStore
+
+    fleet = FleetSettings(store_url=postgres_url)  # as FOGLINE_FLEET__STORE_URL sets it
+    services = cloud(serve_models=[], fleet_settings=fleet)
+    assert services.names == ["ArtifactService", "FleetMonitor"]
+    store = services.fleet_store
+    assert isinstance(store, PostgresFleetStore)
+
+    def heartbeat_landed() -> bool:  # sent until the monitor's subscription is in place
+        device.heartbeat()
+        return [d.device_id for d in store.devices()] == ["dev-1"]
+
+    wait_until(heartbeat_landed)
+    services.close()
+    with PostgresFleetStore(postgres_url, readonly=True) as again:  # it is in the database
+        assert [d.device_id for d in again.devices()] == ["dev-1"]
+
+
 def test_follows_new_releases_and_ignores_bad_ones(
     cloud: Callable[..., CloudServices],
     settings: CloudSettings,
