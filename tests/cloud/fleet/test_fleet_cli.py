@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from fogline.cloud.fleet import Observed, SqliteFleetStore
+from fogline.cloud.fleet import FleetMonitor, Observed, SqliteFleetStore
 from fogline.cloud.fleet.cli import app
-from fogline.protocol import DeviceEvent, DeviceState, Heartbeat, free_port
+from fogline.protocol import DeviceEvent, DeviceState, Heartbeat, Topics, free_port
 
 HB = Callable[..., Heartbeat]
 runner = CliRunner()
@@ -199,3 +199,38 @@ def test_monitor_command_without_broker(tmp_path: Path) -> None:
     assert (
         json.loads(result.stdout.strip().splitlines()[-1])["error"]["code"] == "broker_unavailable"
     )
+
+
+def test_forget_clears_the_retained_state_so_no_monitor_brings_it_back(
+    sqlite_store: SqliteFleetStore,  # before start_monitor: closed after the monitors
+    start_monitor: Callable[..., FleetMonitor],
+    broker_url: str,
+    topics: Topics,
+    devices: Any,
+    wait: Callable[..., None],
+) -> None:
+    store = sqlite_store
+    devices.state("retired", status="offline")  # retained, as a last will leaves it
+    devices.state("active")
+    monitor = start_monitor(store, heartbeat_interval_s=30.0)
+    wait(lambda: len(store.devices()) == 2, what="both registered")
+    data = ["--data-dir", str(store.path.parent)]
+    common = [*data, "--broker", broker_url, "--prefix", topics.prefix]
+    result = runner.invoke(app, ["forget", "retired", *common, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["forgotten"] == "retired"
+    assert [d.device_id for d in store.devices()] == ["active"]
+    assert monitor.flush() and monitor.stats().rejected == {}  # the cleared state is no error
+    monitor.close()
+    again = start_monitor(store, heartbeat_interval_s=30.0)  # reads the retained states
+    wait(lambda: again.stats().received.get("state") == 1, what="retained state")
+    assert again.flush() and [d.device_id for d in store.devices()] == ["active"]
+
+    for bad, code in (("retired", "unknown_device"), ("a/b", "invalid_id")):
+        result = runner.invoke(app, ["forget", bad, *common, "--json"])
+        assert result.exit_code == 1
+        assert json.loads(result.stdout)["error"]["code"] == code
+    no_broker = ["--broker", f"mqtt://127.0.0.1:{free_port()}", "--connect-timeout", "1"]
+    result = runner.invoke(app, ["forget", "active", *data, *no_broker, "--json"])
+    assert json.loads(result.stdout)["error"]["code"] == "broker_unavailable"
+    assert [d.device_id for d in store.devices()] == ["active"]  # nothing half done

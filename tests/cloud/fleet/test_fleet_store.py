@@ -174,3 +174,23 @@ def test_bad_settings_name_the_field(
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_fleet_settings(tmp_path / "absent.toml", env={})
+
+
+def test_forget_removes_a_device_and_its_events(
+    fleet_store: FleetStore, heartbeat_factory: HB
+) -> None:
+    fleet_store.apply(
+        [
+            Observed(heartbeat_factory("gone"), 1.0),
+            Observed(heartbeat_factory("kept"), 1.0),
+            Observed(DeviceEvent(device_id="gone", kind="rollback", at=1.0), 1.0),
+            Observed(DeviceEvent(device_id="kept", kind="rollback", at=1.0), 1.0),
+        ]
+    )
+    fleet_store.forget("gone")
+    assert [d.device_id for d in fleet_store.devices()] == ["kept"]
+    assert fleet_store.events("gone") == [] and len(fleet_store.events("kept")) == 1
+    with pytest.raises(UnknownDeviceError, match="gone"):
+        fleet_store.forget("gone")
+    fleet_store.apply([Observed(heartbeat_factory("gone", seq=9), 5.0)])  # it came back
+    assert fleet_store.device("gone").first_seen == 5.0

@@ -6,6 +6,10 @@ are in test_fleet_store.py and test_fleet_monitor.py)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -26,7 +30,16 @@ from fogline.cloud.fleet import (
 )
 from fogline.cloud.fleet._postgres import redact_url
 from fogline.cloud.fleet.cli import app
-from fogline.protocol import ConfigError, DeviceState, FleetError, Heartbeat
+from fogline.protocol import (
+    ConfigError,
+    DeviceState,
+    FleetError,
+    Heartbeat,
+    MqttSettings,
+    MqttTransport,
+    Topics,
+    encode,
+)
 
 HB = Callable[..., Heartbeat]
 
@@ -182,3 +195,60 @@ def test_cli_reads_a_postgres_store(
     result = runner.invoke(app, ["status", "--json"])
     assert result.exit_code != 0
     assert json.loads(result.stdout)["error"]["code"] == "fleet_store_unavailable"
+
+
+def test_two_monitor_processes_share_one_database(
+    postgres_url: str,
+    broker_url: str,
+    tmp_path: Path,
+    heartbeat_factory: HB,
+    wait: Callable[..., None],
+) -> None:
+    """``fogline fleet monitor`` twice, as on two hosts: one shared subscription, one
+    PostgreSQL; together they store every heartbeat once."""
+    prefix = f"fogtest/{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "FOGLINE_FLEET__STORE_URL": postgres_url}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable, "-c", "from fogline.cloud.fleet.cli import app; app()",
+                "monitor", "--broker", broker_url, "--metrics-port", "0",
+                "--data-dir", str(tmp_path / f"replica-{i}"), "--prefix", prefix,
+                "--shared-group", "fleet", "--heartbeat-interval", "30", "--json",
+            ],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            started = json.loads(proc.stdout.readline())
+            assert started["store"] == redact_url(postgres_url)
+        topics = Topics(prefix)
+        names = [f"dev-{i:02d}" for i in range(8)]
+        with MqttTransport(MqttSettings(url=broker_url)) as sender:
+            for round_ in range(1, 6):
+                for name in names:
+                    beat = heartbeat_factory(name, round_, uptime_s=float(round_), requests=round_)
+                    sender.publish(topics.heartbeat(name), encode(beat), qos=1, wait=True)
+        with PostgresFleetStore(postgres_url, readonly=True) as reader:
+            wait(
+                lambda: sum(d.heartbeats for d in reader.devices()) == 40, timeout=30,
+                what="every heartbeat in the database",
+            )  # fmt: skip
+            assert [d.totals.requests for d in reader.devices()] == [5] * 8
+        stats = []
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=20)
+            assert proc.returncode == 0, err
+            stats.append(json.loads(out.strip().splitlines()[-1]))
+        assert all(s["event"] == "stopped" for s in stats)
+        assert all(s["stats"]["applied"] > 0 for s in stats)  # each did a part
+        assert not (tmp_path / "replica-0" / "fleet.sqlite3").exists()  # no SQLite on the side
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=10)

@@ -240,6 +240,8 @@ class FleetMonitor:
         return handle
 
     def _on_message(self, leaf: Leaf, expected: type[Message], msg: MqttMessage) -> None:
+        if leaf == "state" and not msg.payload:
+            return  # a retained state cleared (`fogline fleet forget`): nothing to record
         received_at = self._clock()
         reason: RejectReason | None = None
         detail = ""

@@ -256,6 +256,12 @@ class PostgresFleetStore(FoldingStore):
             (keep - 1, sorted(set(device_ids))),
         )
 
+    def _delete(self, device_id: str) -> bool:
+        self._load([device_id])  # takes the device's lock: a batch writing it goes first
+        self._conn.execute("DELETE FROM fleet_events WHERE device_id = %s", (device_id,))
+        gone = self._conn.execute("DELETE FROM fleet_devices WHERE device_id = %s", (device_id,))
+        return gone.rowcount > 0
+
     def _silent(self, sweep: Sweep) -> list[DeviceRecord]:
         rows = self._conn.execute(
             "SELECT record FROM fleet_devices WHERE status = 'online' AND "

@@ -212,6 +212,12 @@ class SqliteFleetStore(FoldingStore):
             [(d, d, keep - 1) for d in device_ids],
         )
 
+    def _delete(self, device_id: str) -> bool:
+        self._db.execute("DELETE FROM events WHERE device_id = ?", (device_id,))
+        return (
+            self._db.execute("DELETE FROM devices WHERE device_id = ?", (device_id,)).rowcount > 0
+        )
+
     def _silent(self, sweep: Sweep) -> list[DeviceRecord]:
         rows = self._db.execute(
             "SELECT record FROM devices WHERE status = 'online' AND "

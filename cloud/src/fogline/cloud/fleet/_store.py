@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from fogline.protocol import DeviceEvent, DeviceState, Heartbeat
+from fogline.protocol import DeviceEvent, DeviceState, Heartbeat, UnknownDeviceError
 
 from ._records import (
     DeviceRecord,
@@ -80,6 +80,11 @@ class FleetStore(Protocol):
         """The device's most recent events, newest first."""
         ...
 
+    def forget(self, device_id: str) -> None:
+        """Remove a device and its events (a decommissioned device). Raises
+        :class:`~fogline.protocol.UnknownDeviceError` if there is no such device."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -122,6 +127,11 @@ class FoldingStore(ABC):
             self._save(changed)
         return [r.device_id for r in changed]
 
+    def forget(self, device_id: str) -> None:
+        with self._transaction():
+            if not self._delete(device_id):
+                raise UnknownDeviceError(f"no device {device_id!r} in the fleet registry")
+
     # -- primitives (called inside _transaction) ---------------------------------------
     @abstractmethod
     def _transaction(self) -> AbstractContextManager[None]: ...
@@ -137,6 +147,10 @@ class FoldingStore(ABC):
 
     @abstractmethod
     def _prune_events(self, device_ids: Iterable[str], keep: int) -> None: ...
+
+    @abstractmethod
+    def _delete(self, device_id: str) -> bool:
+        """Delete the device and its events; False if it was not there."""
 
     @abstractmethod
     def _silent(self, sweep: Sweep) -> list[DeviceRecord]:

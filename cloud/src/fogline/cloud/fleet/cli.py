@@ -1,7 +1,8 @@
-"""``fogline fleet``: fleet status, devices, one device, and the monitor itself.
+"""``fogline fleet``: fleet status, devices, one device, forgetting one, and the monitor.
 
-``status``, ``devices`` and ``show`` read the fleet store in the data directory
-(read-only), so they work while a monitor writes to it from another process.
+``status``, ``devices`` and ``show`` read the fleet store (SQLite in the data directory,
+or the PostgreSQL at ``store_url``) read-only, so they work while monitors write to it
+from other processes. ``forget`` writes: it removes a decommissioned device.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +24,7 @@ from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.logging import RichHandler
 
-from fogline.protocol import FoglineError
+from fogline.protocol import FoglineError, MqttTransport
 
 from ._config import FleetSettings, load_fleet_settings
 from ._monitor import FleetMonitor
@@ -251,6 +253,48 @@ def monitor(
         _run_monitor(settings, as_json, connect_timeout)
     except FoglineError as exc:
         _fail(exc, as_json)
+
+
+@app.command()
+def forget(
+    device_id: Annotated[str, typer.Argument(help="The device to remove.")],
+    broker: Annotated[str | None, typer.Option("--broker", help="MQTT broker URL.")] = None,
+    prefix: Annotated[str | None, typer.Option("--prefix", help="Topic prefix.")] = None,
+    connect_timeout: Annotated[
+        float, typer.Option("--connect-timeout", min=0.1, help="Give up if no broker by then.")
+    ] = 10.0,
+    data_dir: DataDir = None,
+    config: ConfigFile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Remove a decommissioned device: clear its retained state on the broker, so no
+    monitor registers it again, then delete it and its events from the registry. A
+    device that still runs registers again with its next message."""
+    try:
+        settings = _settings(
+            config, data_dir=data_dir, mqtt={"url": broker} if broker else None, topic_prefix=prefix
+        )
+        state_topic = settings.topics.device_state(device_id)  # a bad id fails here
+        store = open_fleet_store(settings)
+        try:
+            store.device(device_id)  # an unknown id fails before the broker is touched
+            transport = MqttTransport(
+                settings.mqtt, client_id=f"fogline-fleet-forget-{uuid.uuid4().hex[:8]}"
+            )
+            try:
+                transport.connect(connect_timeout)
+                transport.publish(state_topic, b"", qos=1, retain=True, wait=True)
+            finally:
+                transport.close()
+            store.forget(device_id)
+        finally:
+            store.close()
+    except FoglineError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        typer.echo(json.dumps({"forgotten": device_id, "retained_state_cleared": state_topic}))
+    else:
+        Console().print(f"forgot {device_id}: registry entry deleted, {state_topic} cleared")
 
 
 def _run_monitor(settings: FleetSettings, as_json: bool, connect_timeout: float) -> None:
