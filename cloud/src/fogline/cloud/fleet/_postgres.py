@@ -28,7 +28,14 @@ from pydantic import ValidationError
 from fogline.protocol import FleetError, FleetStoreUnavailableError, UnknownDeviceError
 
 from ._records import DeviceRecord, EventRecord
-from ._store import MAX_EVENTS_PER_DEVICE, FoldingStore, Sweep
+from ._store import (
+    EVENT_COLUMNS,
+    MAX_EVENTS_PER_DEVICE,
+    FoldingStore,
+    Sweep,
+    device_row,
+    event_row,
+)
 
 __all__ = ["PostgresFleetStore", "redact_url"]
 
@@ -59,7 +66,6 @@ _SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS fleet_events_by_device ON fleet_events(device_id, id)",
 )
-_EVENT_COLUMNS = ("device_id", "kind", "at", "received_at", "model", "version", "reason", "detail")
 
 
 def redact_url(url: str) -> str:
@@ -177,12 +183,12 @@ class PostgresFleetStore(FoldingStore):
     def events(self, device_id: str, limit: int = MAX_EVENTS_PER_DEVICE) -> list[EventRecord]:
         with self._guard(f"read events of {device_id}"), self._pool.connection() as conn:
             rows = conn.execute(
-                f"SELECT {', '.join(_EVENT_COLUMNS)} FROM fleet_events "
+                f"SELECT {', '.join(EVENT_COLUMNS)} FROM fleet_events "
                 "WHERE device_id = %s ORDER BY id DESC LIMIT %s",
                 (device_id, limit),
             ).fetchall()
             return [
-                EventRecord.model_validate(dict(zip(_EVENT_COLUMNS, r, strict=True))) for r in rows
+                EventRecord.model_validate(dict(zip(EVENT_COLUMNS, r, strict=True))) for r in rows
             ]
 
     def close(self) -> None:
@@ -232,18 +238,15 @@ class PostgresFleetStore(FoldingStore):
                 " VALUES (%s, %s, %s, %s, %s::jsonb) ON CONFLICT (device_id) DO UPDATE SET "
                 "status = excluded.status, last_alive_at = excluded.last_alive_at, "
                 "interval_s = excluded.interval_s, record = excluded.record",
-                [
-                    (r.device_id, r.status, r.last_alive_at, r.interval_s, r.model_dump_json())
-                    for r in records
-                ],
+                [device_row(r) for r in records],
             )
 
     def _add_events(self, events: Sequence[EventRecord]) -> None:
         with self._conn.cursor() as cur:
             cur.executemany(
-                f"INSERT INTO fleet_events ({', '.join(_EVENT_COLUMNS)}) "
+                f"INSERT INTO fleet_events ({', '.join(EVENT_COLUMNS)}) "
                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                [tuple(getattr(e, c) for c in _EVENT_COLUMNS) for e in events],
+                [event_row(e) for e in events],
             )
 
     def _prune_events(self, device_ids: Iterable[str], keep: int) -> None:

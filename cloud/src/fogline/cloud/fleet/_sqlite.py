@@ -20,7 +20,14 @@ from pydantic import ValidationError
 from fogline.protocol import FleetError, FleetStoreUnavailableError, UnknownDeviceError
 
 from ._records import DeviceRecord, EventRecord
-from ._store import MAX_EVENTS_PER_DEVICE, FoldingStore, Sweep
+from ._store import (
+    EVENT_COLUMNS,
+    MAX_EVENTS_PER_DEVICE,
+    FoldingStore,
+    Sweep,
+    device_row,
+    event_row,
+)
 
 __all__ = ["FLEET_DB_NAME", "SqliteFleetStore"]
 
@@ -129,21 +136,13 @@ class SqliteFleetStore(FoldingStore):
     def events(self, device_id: str, limit: int = MAX_EVENTS_PER_DEVICE) -> list[EventRecord]:
         with self._lock, self._guard(f"read events of {device_id}"):
             rows = self._db.execute(
-                "SELECT device_id, kind, at, received_at, model, version, reason, detail "
+                f"SELECT {', '.join(EVENT_COLUMNS)} "
                 "FROM events WHERE device_id = ? ORDER BY id DESC LIMIT ?",
                 (device_id, limit),
             ).fetchall()
-            keys = (
-                "device_id",
-                "kind",
-                "at",
-                "received_at",
-                "model",
-                "version",
-                "reason",
-                "detail",
-            )
-            return [EventRecord.model_validate(dict(zip(keys, r, strict=True))) for r in rows]
+            return [
+                EventRecord.model_validate(dict(zip(EVENT_COLUMNS, r, strict=True))) for r in rows
+            ]
 
     def close(self) -> None:
         with self._lock:
@@ -189,20 +188,13 @@ class SqliteFleetStore(FoldingStore):
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
             "status = excluded.status, last_alive_at = excluded.last_alive_at, "
             "interval_s = excluded.interval_s, record = excluded.record",
-            [
-                (r.device_id, r.status, r.last_alive_at, r.interval_s, r.model_dump_json())
-                for r in records
-            ],
+            [device_row(r) for r in records],
         )
 
     def _add_events(self, events: Sequence[EventRecord]) -> None:
         self._db.executemany(
-            "INSERT INTO events (device_id, kind, at, received_at, model, version, reason, detail)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (e.device_id, e.kind, e.at, e.received_at, e.model, e.version, e.reason, e.detail)
-                for e in events
-            ],
+            f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [event_row(e) for e in events],
         )
 
     def _prune_events(self, device_ids: Iterable[str], keep: int) -> None:

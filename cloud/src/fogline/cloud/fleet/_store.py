@@ -28,9 +28,35 @@ from ._records import (
     mark_offline,
 )
 
-__all__ = ["MAX_EVENTS_PER_DEVICE", "FleetStore", "FoldingStore", "Observed", "Sweep"]
+__all__ = [
+    "EVENT_COLUMNS",
+    "MAX_EVENTS_PER_DEVICE",
+    "FleetStore",
+    "FoldingStore",
+    "Observed",
+    "Sweep",
+    "device_row",
+    "event_row",
+]
 
 MAX_EVENTS_PER_DEVICE = 50
+# The columns of a stored event, in the order of event_row (the same in every database).
+EVENT_COLUMNS = ("device_id", "kind", "at", "received_at", "model", "version", "reason", "detail")
+
+
+def device_row(record: DeviceRecord) -> tuple[str, str, float, float | None, str]:
+    """A device as stored: the columns queries filter on, then the whole record as JSON."""
+    return (
+        record.device_id,
+        record.status,
+        record.last_alive_at,
+        record.interval_s,
+        record.model_dump_json(),
+    )
+
+
+def event_row(event: EventRecord) -> tuple[object, ...]:
+    return tuple(getattr(event, column) for column in EVENT_COLUMNS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,11 @@ ConfigFile = Annotated[
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 Watch = Annotated[bool, typer.Option("--watch", help="Refresh until Ctrl-C.")]
+Broker = Annotated[str | None, typer.Option("--broker", help="MQTT broker URL.")]
+Prefix = Annotated[str | None, typer.Option("--prefix", help="Topic prefix.")]
+ConnectTimeout = Annotated[
+    float, typer.Option("--connect-timeout", min=0.1, help="Give up if no broker by then.")
+]
 Interval = Annotated[
     float, typer.Option("--interval", min=0.1, help="Seconds between refreshes with --watch.")
 ]
@@ -217,7 +222,7 @@ def show(
 
 @app.command()
 def monitor(
-    broker: Annotated[str | None, typer.Option("--broker", help="MQTT broker URL.")] = None,
+    broker: Broker = None,
     metrics_port: Annotated[
         int | None, typer.Option("--metrics-port", help="HTTP port for /metrics and the page.")
     ] = None,
@@ -229,10 +234,8 @@ def monitor(
         float | None, typer.Option("--heartbeat-interval", help="Assumed until devices say.")
     ] = None,
     missed_heartbeats: Annotated[int | None, typer.Option("--missed-heartbeats")] = None,
-    prefix: Annotated[str | None, typer.Option("--prefix", help="Topic prefix.")] = None,
-    connect_timeout: Annotated[
-        float, typer.Option("--connect-timeout", min=0.1, help="Give up if no broker by then.")
-    ] = 10.0,
+    prefix: Prefix = None,
+    connect_timeout: ConnectTimeout = 10.0,
     data_dir: DataDir = None,
     config: ConfigFile = None,
     as_json: AsJson = False,
@@ -258,11 +261,9 @@ def monitor(
 @app.command()
 def forget(
     device_id: Annotated[str, typer.Argument(help="The device to remove.")],
-    broker: Annotated[str | None, typer.Option("--broker", help="MQTT broker URL.")] = None,
-    prefix: Annotated[str | None, typer.Option("--prefix", help="Topic prefix.")] = None,
-    connect_timeout: Annotated[
-        float, typer.Option("--connect-timeout", min=0.1, help="Give up if no broker by then.")
-    ] = 10.0,
+    broker: Broker = None,
+    prefix: Prefix = None,
+    connect_timeout: ConnectTimeout = 10.0,
     data_dir: DataDir = None,
     config: ConfigFile = None,
     as_json: AsJson = False,
