@@ -6,8 +6,9 @@ else the whole file), the environment, explicit overrides (CLI flags); the rules
 :func:`fogline.protocol.load_settings`'s. Environment variables: ``FOGLINE_FLEET__<FIELD>``
 for any field, ``__`` between levels (``FOGLINE_FLEET__MISSED_HEARTBEATS=5``,
 ``FOGLINE_FLEET__THRESHOLDS__P99_HIGH_MS=80``), plus the names shared with the rest of the
-cloud: ``FOGLINE_DATA_DIR``, ``FOGLINE_BROKER_URL`` (``mqtt.url``) and
-``FOGLINE_TOPIC_PREFIX``.
+cloud: ``FOGLINE_DATA_DIR``, ``FOGLINE_BROKER_URL`` (``mqtt.url``), the broker login
+``FOGLINE_BROKER_USERNAME``/``_PASSWORD``/``_TLS_CA``/``_TLS_CERT``/``_TLS_KEY``
+(``mqtt.username``...) and ``FOGLINE_TOPIC_PREFIX``.
 
 The registry is SQLite under ``data_dir`` unless ``store_url`` names a PostgreSQL
 database (``FOGLINE_FLEET__STORE_URL=postgresql://fleet@db/fogline``), which replicas on
@@ -43,6 +44,11 @@ ENV_PREFIX = "FOGLINE_FLEET__"
 _ENV_ALIASES = {
     "FOGLINE_DATA_DIR": ("data_dir",),
     "FOGLINE_BROKER_URL": ("mqtt", "url"),
+    "FOGLINE_BROKER_USERNAME": ("mqtt", "username"),
+    "FOGLINE_BROKER_PASSWORD": ("mqtt", "password"),
+    "FOGLINE_BROKER_TLS_CA": ("mqtt", "tls_ca"),
+    "FOGLINE_BROKER_TLS_CERT": ("mqtt", "tls_cert"),
+    "FOGLINE_BROKER_TLS_KEY": ("mqtt", "tls_key"),
     "FOGLINE_TOPIC_PREFIX": ("topic_prefix",),
 }
 DEFAULT_DATA_DIR = Path("./var/fogline")
