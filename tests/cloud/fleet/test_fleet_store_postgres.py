@@ -148,6 +148,7 @@ def test_redact_url() -> None:
     assert redact_url("postgresql://u:pw@db:5433/f?x=1") == "postgresql://u:***@db:5433/f?x=1"
     assert redact_url("postgresql://u:pw@[::1]/f") == "postgresql://u:***@[::1]/f"
     assert redact_url("postgresql://u@db/f") == "postgresql://u@db/f"
+    assert redact_url("postgresql://u:p@w@db:x/f") == "postgresql://u:***@db:x/f"  # no parse
 
 
 def test_settings_select_the_store(
@@ -169,6 +170,9 @@ def test_settings_select_the_store(
     for bad in ("mysql://db/x", "fleet.sqlite3"):
         with pytest.raises(ConfigError, match=r"store_url.*postgresql://"):
             load_fleet_settings(env={"FOGLINE_FLEET__STORE_URL": bad})
+    with pytest.raises(ConfigError, match=r"store_url.*bad port") as bad_port:
+        load_fleet_settings(env={"FOGLINE_FLEET__STORE_URL": "postgresql://u:pw@db:x/f"})
+    assert "pw" not in str(bad_port.value)
 
 
 def test_cli_reads_a_postgres_store(

@@ -21,6 +21,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -85,12 +86,17 @@ class FleetSettings(BaseModel):
     @field_validator("store_url")
     @classmethod
     def _check_store_url(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            scheme = value.get_secret_value().partition("://")[0]
-            if scheme not in ("postgresql", "postgres"):
-                raise ValueError(
-                    "must be a postgresql:// URL (leave it unset for SQLite under data_dir)"
-                )
+        if value is None:
+            return value
+        url = value.get_secret_value()
+        if url.partition("://")[0] not in ("postgresql", "postgres"):
+            raise ValueError(
+                "must be a postgresql:// URL (leave it unset for SQLite under data_dir)"
+            )
+        try:
+            _ = urlsplit(url).port  # raises on a port that is not a number
+        except ValueError:
+            raise ValueError(f"bad port in {redact_url(url)}") from None
         return value
 
     @property

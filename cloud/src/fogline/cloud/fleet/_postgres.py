@@ -69,15 +69,14 @@ _SCHEMA = (
 
 
 def redact_url(url: str) -> str:
-    """``url`` without its password, for logs, errors and ``--json`` output."""
+    """``url`` without its password, for logs, errors and ``--json`` output. Works on the
+    text alone, so a URL that does not parse (a bad port, say) is redacted too."""
     parts = urlsplit(url)
-    if parts.password is None:
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
 class PostgresFleetStore(FoldingStore):
