@@ -324,9 +324,10 @@ class FleetMonitor:
         self._apply(pending)
         return False
 
-    def _apply(self, items: list[Observed]) -> None:
+    def _apply(self, items: list[Observed], *, one_of_a_batch: bool = False) -> int:
+        """Write ``items`` in one transaction; returns how many were dropped."""
         if not items:
-            return
+            return 0
         failures = 0
         while True:
             try:
@@ -357,23 +358,26 @@ class FleetMonitor:
                 # one device must not cost the others their messages, so a batch is
                 # written again one message per transaction and only what fails is lost.
                 failures += 1
+                if one_of_a_batch:
+                    log.debug("fleet message dropped: %s", exc.message)
+                    break
                 log.warning("fleet store write of %d failed: %s", len(items), exc.message)
                 if len(items) > 1:
-                    for item in items:
-                        self._apply([item])
-                    return
+                    dropped = sum(self._apply([i], one_of_a_batch=True) for i in items)
+                    log.error("wrote %d messages one by one, dropped %d", len(items), dropped)
+                    return dropped
                 break
             with self._stats_lock:
                 self._applied += applied
                 self._batches += 1
             if failures:
                 log.info("fleet store write succeeded after %d failed attempts", failures)
-            return
+            return 0
         with self._stats_lock:
             self._write_failures += len(items)
-        log.error(
-            "dropped a batch of %d fleet messages after %d failed writes", len(items), failures
-        )
+        if not one_of_a_batch:
+            log.error("dropped %d fleet messages after %d failed writes", len(items), failures)
+        return len(items)
 
     def _sweep(self, sweep: Sweep) -> None:
         try:

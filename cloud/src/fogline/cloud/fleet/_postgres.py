@@ -1,9 +1,8 @@
 """The fleet registry in PostgreSQL, for monitor replicas on several hosts.
 
-Needs the ``postgres`` extra (``pip install 'fogline-cloud[postgres]'``: psycopg 3 and
-its pool). The tables are ``fleet_schema``, ``fleet_devices`` and ``fleet_events`` in
-the connection's ``search_path``; put them in a schema of their own with
-``?options=-csearch_path%3Dfleet`` in the URL.
+psycopg 3 and its pool do the talking. The tables are ``fleet_schema``,
+``fleet_devices`` and ``fleet_events`` in the connection's ``search_path``; put them in
+a schema of their own with ``?options=-csearch_path%3Dfleet`` in the URL.
 
 Replicas share one database safely: a batch takes a transaction-scoped advisory lock
 per device (in one global order, so two batches never deadlock) before it reads and
