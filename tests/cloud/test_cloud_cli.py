@@ -254,3 +254,23 @@ def test_cloud_serve_dev_broker_starts_one_on_the_configured_port(tmp_path: Path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["model", "publish"], ["$FOGLINE_DATA_DIR", "$FOGLINE_BROKER_URL", "[cloud] table"]),
+        (["train"], ["[default: the recipe name]"]),
+        (["cloud", "serve"], ["[default: 9464]"]),
+        (["fleet", "status"], ["$FOGLINE_DATA_DIR", "[fleet] table"]),
+    ],
+)
+def test_help_shows_the_defaults_it_writes_in_brackets(
+    command: list[str], shown: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rich reads "[default: ...]" as markup and drops it unless escaped."""
+    monkeypatch.setenv("COLUMNS", "200")
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    for text in shown:
+        assert text in result.output

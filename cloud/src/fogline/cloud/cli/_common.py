@@ -43,15 +43,17 @@ stderr = Console(stderr=True)
 
 DataDir = Annotated[
     Path | None,
-    typer.Option("--data-dir", help="Data directory [default: $FOGLINE_DATA_DIR or ./var/fogline]"),
+    typer.Option(
+        "--data-dir", help="Data directory \\[default: $FOGLINE_DATA_DIR or ./var/fogline]"
+    ),
 ]
 ConfigFile = Annotated[
-    Path | None, typer.Option("--config", help="TOML config ([cloud] table or whole file)")
+    Path | None, typer.Option("--config", help="TOML config (\\[cloud] table or whole file)")
 ]
 BrokerUrl = Annotated[
     str | None,
     typer.Option(
-        "--broker", help="MQTT broker URL [default: $FOGLINE_BROKER_URL or mqtt://127.0.0.1:1883]"
+        "--broker", help="MQTT broker URL \\[default: $FOGLINE_BROKER_URL or mqtt://127.0.0.1:1883]"
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]

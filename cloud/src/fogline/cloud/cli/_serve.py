@@ -157,7 +157,7 @@ def serve(
         int | None,
         typer.Option(
             "--metrics-port", min=0, max=65535,
-            help="Fleet metrics and web page port; 0 turns it off. [default: 9464]",
+            help="Fleet metrics and web page port; 0 turns it off. \\[default: 9464]",
         ),
     ] = None,
     no_fleet: Annotated[

@@ -31,7 +31,7 @@ def train(
     workers: Annotated[int, typer.Option("--workers", min=1, help="Ray Train workers.")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     name: Annotated[
-        str | None, typer.Option("--name", help="Model name [default: the recipe name]")
+        str | None, typer.Option("--name", help="Model name \\[default: the recipe name]")
     ] = None,
     data_dir: DataDir = None,
     config: ConfigFile = None,

@@ -47,11 +47,12 @@ DataDir = Annotated[
     Path | None,
     typer.Option(
         "--data-dir",
-        help="Data directory holding fleet.sqlite3 [default: $FOGLINE_DATA_DIR or ./var/fogline]",
+        help="Data directory holding fleet.sqlite3 (unless store_url names a PostgreSQL)"
+        " \\[default: $FOGLINE_DATA_DIR or ./var/fogline]",
     ),
 ]
 ConfigFile = Annotated[
-    Path | None, typer.Option("--config", help="TOML config ([fleet] table or whole file)")
+    Path | None, typer.Option("--config", help="TOML config (\\[fleet] table or whole file)")
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 Watch = Annotated[bool, typer.Option("--watch", help="Refresh until Ctrl-C.")]
