@@ -10,16 +10,24 @@ an error too.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fogline.protocol import EmbeddedBroker, MosquittoBroker, MqttSettings, MqttTransport
+from fogline.protocol import (
+    EmbeddedBroker,
+    MosquittoBroker,
+    MqttSettings,
+    MqttTransport,
+    free_port,
+)
 
 POSTGRES_URL = os.environ.get(
     "FOGLINE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -151,3 +159,36 @@ def postgres_url() -> Iterator[str]:
     finally:
         with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5) as admin:
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@dataclass(frozen=True)
+class ProductionBroker:
+    """deploy/mosquitto's config running: its TLS listener, CA and logins."""
+
+    tls_url: str
+    ca: Path
+    passwords: dict[str, str]
+
+
+@pytest.fixture
+def production_broker(
+    private_mosquitto: Callable[..., MosquittoBroker], tmp_path: Path
+) -> ProductionBroker:
+    """deploy/mosquitto's production config (TLS, logins, the ACL) on free ports."""
+    helpers = Path(__file__).parent / "protocol"
+
+    def load(name: str) -> Any:
+        spec = importlib.util.spec_from_file_location(name, helpers / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    production = load("_production_broker")
+    certs = tmp_path / "production-certs"
+    certs.mkdir()
+    ca, _cert, _key = load("_tls").write_tls_material(certs)
+    plain, tls = free_port(), free_port()
+    config = production.production_config(tmp_path, plain, tls, certs)
+    private_mosquitto(config, port=plain)
+    return ProductionBroker(f"mqtts://127.0.0.1:{tls}", ca, dict(production.PASSWORDS))

@@ -4,11 +4,9 @@ environment, as the RayCluster manifest sets them."""
 
 from __future__ import annotations
 
-import importlib.util
 import threading
-from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import pytest
 import yaml
@@ -19,47 +17,29 @@ from fogline.cloud.fleet import load_fleet_settings
 from fogline.protocol import (
     BrokerUnavailableError,
     ConfigError,
-    MosquittoBroker,
     MqttMessage,
     MqttSettings,
     MqttTransport,
     Topics,
-    free_port,
 )
-
-PROTOCOL_TESTS = Path(__file__).resolve().parents[1] / "protocol"
-
-
-def _protocol_helper(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, PROTOCOL_TESTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_cloud_logs_in_over_tls_and_publishes_what_only_the_cloud_may(
-    private_mosquitto: Callable[..., MosquittoBroker], tmp_path: Path
+    production_broker: Any, tmp_path: Path
 ) -> None:
-    production = _protocol_helper("_production_broker")
-    certs = tmp_path / "certs"
-    certs.mkdir()
-    ca, _cert, _key = _protocol_helper("_tls").write_tls_material(certs)
-    plain, tls = free_port(), free_port()
-    private_mosquitto(production.production_config(tmp_path, plain, tls, certs), port=plain)
     env = {
         "FOGLINE_DATA_DIR": str(tmp_path / "cloud"),
-        "FOGLINE_BROKER_URL": f"mqtts://127.0.0.1:{tls}",
+        "FOGLINE_BROKER_URL": production_broker.tls_url,
         "FOGLINE_BROKER_USERNAME": "fogline-cloud",
-        "FOGLINE_BROKER_PASSWORD": production.PASSWORDS["fogline-cloud"],
-        "FOGLINE_BROKER_TLS_CA": str(ca),
+        "FOGLINE_BROKER_PASSWORD": production_broker.passwords["fogline-cloud"],
+        "FOGLINE_BROKER_TLS_CA": str(production_broker.ca),
     }
     device = MqttTransport(
         MqttSettings(
-            url=f"mqtts://127.0.0.1:{tls}",
+            url=production_broker.tls_url,
             username="dev-1",
-            password=production.PASSWORDS["dev-1"],
-            tls_ca=ca,
+            password=production_broker.passwords["dev-1"],
+            tls_ca=production_broker.ca,
         )
     )
     got: list[MqttMessage] = []

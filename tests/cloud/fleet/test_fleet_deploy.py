@@ -6,7 +6,6 @@ test changes it: the broker's address, the mounted CA's path and the metrics por
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import signal
@@ -15,24 +14,15 @@ import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import yaml
 
 from fogline.cloud.fleet import PostgresFleetStore
-from fogline.protocol import MosquittoBroker, MqttSettings, MqttTransport, Topics, encode, free_port
+from fogline.protocol import MqttSettings, MqttTransport, Topics, encode, free_port
 
 ROOT = Path(__file__).resolve().parents[3]
 MANIFEST = ROOT / "deploy" / "kubernetes" / "fleet-monitor.yaml"
-
-
-def _protocol_helper(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "protocol" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _entrypoint() -> list[str]:
@@ -60,22 +50,16 @@ def test_the_service_selects_the_replicas_and_their_metrics_port() -> None:
 
 
 def test_two_replicas_run_as_shipped_on_tls_and_postgres(
-    private_mosquitto: Callable[..., MosquittoBroker],
+    production_broker: Any,
     tmp_path: Path,
     postgres_url: str,
     wait: Callable[..., None],
     heartbeat_factory: Callable[..., Any],
 ) -> None:
-    production = _protocol_helper("_production_broker")
-    certs = tmp_path / "certs"
-    certs.mkdir()
-    ca, _cert, _key = _protocol_helper("_tls").write_tls_material(certs)
-    plain, tls = free_port(), free_port()
-    private_mosquitto(production.production_config(tmp_path, plain, tls, certs), port=plain)
-
+    broker = production_broker
     _deployment, _service, container = _container()
     secrets = {
-        ("fogline-cloud-mqtt", "password"): production.PASSWORDS["fogline-cloud"],
+        ("fogline-cloud-mqtt", "password"): broker.passwords["fogline-cloud"],
         ("fogline-fleet-db", "url"): postgres_url,
     }
     env: dict[str, str] = {}
@@ -86,8 +70,8 @@ def test_two_replicas_run_as_shipped_on_tls_and_postgres(
     assert env["FOGLINE_BROKER_URL"] == "mqtts://mosquitto:8883"
     assert env["FOGLINE_BROKER_TLS_CA"].startswith(mount["mountPath"] + "/")
     env |= {
-        "FOGLINE_BROKER_URL": f"mqtts://127.0.0.1:{tls}",  # the cluster's DNS name, here
-        "FOGLINE_BROKER_TLS_CA": str(ca),  # the Secret mounted
+        "FOGLINE_BROKER_URL": broker.tls_url,  # the cluster's DNS name, here
+        "FOGLINE_BROKER_TLS_CA": str(broker.ca),  # the Secret mounted
         "PATH": str(Path(sys.executable).parent),  # where the image has `fogline`
         "HOME": str(tmp_path),
     }
@@ -119,10 +103,10 @@ def test_two_replicas_run_as_shipped_on_tls_and_postgres(
         topics = Topics()
         device = MqttTransport(
             MqttSettings(
-                url=f"mqtts://127.0.0.1:{tls}",
+                url=broker.tls_url,
                 username="dev-1",
-                password=production.PASSWORDS["dev-1"],
-                tls_ca=ca,
+                password=broker.passwords["dev-1"],
+                tls_ca=broker.ca,
             )
         )
         device.connect(timeout=10)

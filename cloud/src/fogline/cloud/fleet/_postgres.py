@@ -33,6 +33,7 @@ from ._store import (
     FoldingStore,
     Sweep,
     device_row,
+    event_from_row,
     event_row,
 )
 
@@ -185,9 +186,7 @@ class PostgresFleetStore(FoldingStore):
                 "WHERE device_id = %s ORDER BY id DESC LIMIT %s",
                 (device_id, limit),
             ).fetchall()
-            return [
-                EventRecord.model_validate(dict(zip(EVENT_COLUMNS, r, strict=True))) for r in rows
-            ]
+            return [event_from_row(r) for r in rows]
 
     def close(self) -> None:
         self._pool.close()

@@ -26,6 +26,7 @@ from ._store import (
     FoldingStore,
     Sweep,
     device_row,
+    event_from_row,
     event_row,
 )
 
@@ -140,9 +141,7 @@ class SqliteFleetStore(FoldingStore):
                 "FROM events WHERE device_id = ? ORDER BY id DESC LIMIT ?",
                 (device_id, limit),
             ).fetchall()
-            return [
-                EventRecord.model_validate(dict(zip(EVENT_COLUMNS, r, strict=True))) for r in rows
-            ]
+            return [event_from_row(r) for r in rows]
 
     def close(self) -> None:
         with self._lock:

@@ -36,6 +36,7 @@ __all__ = [
     "Observed",
     "Sweep",
     "device_row",
+    "event_from_row",
     "event_row",
 ]
 
@@ -57,6 +58,11 @@ def device_row(record: DeviceRecord) -> tuple[str, str, float, float | None, str
 
 def event_row(event: EventRecord) -> tuple[object, ...]:
     return tuple(getattr(event, column) for column in EVENT_COLUMNS)
+
+
+def event_from_row(row: Sequence[object]) -> EventRecord:
+    """The inverse of :func:`event_row`, for a row selected as ``EVENT_COLUMNS``."""
+    return EventRecord.model_validate(dict(zip(EVENT_COLUMNS, row, strict=True)))
 
 
 @dataclass(frozen=True, slots=True)
