@@ -121,8 +121,11 @@ def test_corrupt_or_foreign_files_are_clear_errors(tmp_path: Path, heartbeat_fac
     db.execute("UPDATE devices SET record = '{\"device_id\": 5}'")
     db.commit()
     db.close()
-    with SqliteFleetStore(path) as store, pytest.raises(FleetError, match="corrupt"):
-        store.devices()
+    with SqliteFleetStore(path) as store:
+        with pytest.raises(FleetError, match="corrupt"):
+            store.devices()
+        store.forget("a")  # a corrupt device can still be removed
+        assert store.devices() == []
 
 
 def test_settings_from_toml_env_and_overrides(tmp_path: Path) -> None:

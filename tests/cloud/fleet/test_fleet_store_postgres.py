@@ -139,9 +139,13 @@ def test_errors_are_clear_and_never_show_the_password(
                 store.devices()
             with pytest.raises(FleetError, match="corrupt"):  # and nothing half-written
                 store.apply([Observed(heartbeat_factory("a", seq=2), 2.0)])
+            store.forget("a")  # a corrupt device can still be removed
+            assert store.devices() == []
             admin.execute("UPDATE fleet_schema SET version = 99")
     with pytest.raises(FleetError, match="schema version 99"):
         PostgresFleetStore(postgres_url)
+    # Nothing left behind by the stores that failed to open or were closed.
+    assert [t.name for t in threading.enumerate() if t.name.startswith("fogline-fleet-")] == []
 
 
 def test_redact_url() -> None:

@@ -111,8 +111,12 @@ class PostgresFleetStore(FoldingStore):
             name="fogline-fleet",
             open=False,
         )
-        with self._guard("connect"):
-            self._pool.open(wait=True, timeout=connect_timeout_s)
+        try:
+            with self._guard("connect"):
+                self._pool.open(wait=True, timeout=connect_timeout_s)
+        except BaseException:
+            self._pool.close()  # its workers would go on trying to connect
+            raise
 
     @staticmethod
     def _configure(conn: psycopg.Connection[Any]) -> None:
@@ -214,14 +218,18 @@ class PostgresFleetStore(FoldingStore):
             finally:
                 del self._current.conn
 
-    def _load(self, device_ids: Iterable[str]) -> dict[str, DeviceRecord]:
-        ids = sorted(set(device_ids))
+    def _lock_devices(self, ids: list[str]) -> None:
+        """Take the devices' advisory locks, held until the transaction ends."""
         # OFFSET 0 keeps the subquery's order: every batch locks in the same order.
         self._conn.execute(
             "SELECT pg_advisory_xact_lock(%s, h) FROM (SELECT DISTINCT hashtext(d) AS h "
             "FROM unnest(%s::text[]) AS d ORDER BY h OFFSET 0) AS locks",
             (_LOCK_SPACE, ids),
         )
+
+    def _load(self, device_ids: Iterable[str]) -> dict[str, DeviceRecord]:
+        ids = sorted(set(device_ids))
+        self._lock_devices(ids)
         rows = self._conn.execute(
             "SELECT device_id, record FROM fleet_devices WHERE device_id = ANY(%s) FOR UPDATE",
             (ids,),
@@ -257,7 +265,7 @@ class PostgresFleetStore(FoldingStore):
         )
 
     def _delete(self, device_id: str) -> bool:
-        self._load([device_id])  # takes the device's lock: a batch writing it goes first
+        self._lock_devices([device_id])  # a batch writing the device goes first
         self._conn.execute("DELETE FROM fleet_events WHERE device_id = %s", (device_id,))
         gone = self._conn.execute("DELETE FROM fleet_devices WHERE device_id = %s", (device_id,))
         return gone.rowcount > 0
