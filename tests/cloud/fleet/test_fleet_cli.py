@@ -234,3 +234,34 @@ def test_forget_clears_the_retained_state_so_no_monitor_brings_it_back(
     result = runner.invoke(app, ["forget", "active", *data, *no_broker, "--json"])
     assert json.loads(result.stdout)["error"]["code"] == "broker_unavailable"
     assert [d.device_id for d in store.devices()] == ["active"]  # nothing half done
+
+
+def test_devices_filters_combine(tmp_path: Path, heartbeat_factory: HB) -> None:
+    data = tmp_path / "filters"
+
+    def hb(name: str, **fields: Any) -> Heartbeat:
+        return heartbeat_factory(name, device_class="jetson-like", **fields)
+
+    with SqliteFleetStore(data / "fleet.sqlite3") as store:
+        store.apply(
+            [
+                Observed(hb("a", groups=["lab"], models={"digits": 1}), 1.0),
+                Observed(heartbeat_factory("b", device_class="rpi4", models={"digits": 2}), 1.0),
+                Observed(hb("c", groups=["lab"], models={"other": 1}), 1.0),
+            ]
+        )
+
+    def ids(*filters: str) -> list[str]:
+        return [
+            r["device_id"] for r in _json(["devices", "--data-dir", str(data), *filters, "--json"])
+        ]
+
+    assert ids("--group", "lab") == ["a", "c"]
+    assert ids("--model", "digits") == ["a", "b"]
+    assert ids("--model", "digits:1") == ["a"]  # which devices still run v1
+    assert ids("--group", "lab", "--model", "digits") == ["a"]
+    assert ids("--class", "rpi4") == ["b"]
+    assert ids("--group", "nobody") == []
+    result = runner.invoke(app, ["devices", "--data-dir", str(data), "--model", "x:y", "--json"])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["error"]["code"] == "config_error"
