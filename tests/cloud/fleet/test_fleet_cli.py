@@ -262,6 +262,7 @@ def test_devices_filters_combine(tmp_path: Path, heartbeat_factory: HB) -> None:
     assert ids("--group", "lab", "--model", "digits") == ["a"]
     assert ids("--class", "rpi4") == ["b"]
     assert ids("--group", "nobody") == []
-    result = runner.invoke(app, ["devices", "--data-dir", str(data), "--model", "x:y", "--json"])
-    assert result.exit_code == 1
-    assert json.loads(result.stdout)["error"]["code"] == "config_error"
+    for bad in ("x:y", "digits:", ":1"):
+        result = runner.invoke(app, ["devices", "--data-dir", str(data), "--model", bad, "--json"])
+        assert result.exit_code == 1
+        assert json.loads(result.stdout)["error"]["code"] == "config_error"

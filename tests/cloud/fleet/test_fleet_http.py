@@ -127,6 +127,15 @@ def test_page_json_and_unknown_paths(
     assert summary["devices_total"] == 3 and summary["requests_total"] == 120
     devices = json.loads(_get(f"{web.url}/api/devices")[2])
     assert sorted(d["device_id"] for d in devices) == ["a", "b", "c"]
+
+    def ids(query: str) -> list[str]:
+        return sorted(d["device_id"] for d in json.loads(_get(f"{web.url}/api/devices?{query}")[2]))
+
+    assert ids("model=digits:1") == ["b"] and ids("model=digits") == ["a", "b"]
+    assert ids("offline=1") == ["c"] and ids("class=rpi4&model=digits:2") == ["a"]
+    for bad in ("model=digits:x", "colour=red"):
+        status, _, text = _get(f"{web.url}/api/devices?{bad}")
+        assert status == 400 and text.strip()
     assert _get(f"{web.url}/healthz")[:1] == (200,)
     assert _get(f"{web.url}/nope")[0] == 404
 

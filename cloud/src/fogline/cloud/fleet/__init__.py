@@ -18,6 +18,7 @@ from ._records import (
     apply_state,
     mark_offline,
 )
+from ._select import DeviceFilter
 from ._sqlite import FLEET_DB_NAME, SqliteFleetStore
 from ._store import MAX_EVENTS_PER_DEVICE, FleetStore, FoldingStore, Observed, Sweep
 from ._summary import (
@@ -36,6 +37,7 @@ __all__ = [
     "AttentionItem",
     "AttentionReason",
     "AttentionThresholds",
+    "DeviceFilter",
     "DeviceRecord",
     "DeviceStatus",
     "EventRecord",

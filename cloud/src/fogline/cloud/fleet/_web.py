@@ -1,7 +1,8 @@
 """One small HTTP server for fleet health: Prometheus metrics, a web page and JSON.
 
 Routes: ``/metrics`` (Prometheus text format), ``/`` (an HTML page that refreshes
-itself), ``/api/summary`` and ``/api/devices`` (JSON), ``/healthz``. The standard
+itself), ``/api/summary`` and ``/api/devices`` (JSON; filtered with ``?group=``,
+``class=``, ``model=NAME[:VERSION]``, ``offline=1``), ``/healthz``. The standard
 library's ThreadingHTTPServer is plenty for scrapes and a few browsers.
 """
 
@@ -11,16 +12,18 @@ import html
 import json
 import logging
 import threading
+import urllib.parse
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from fogline.protocol import FleetError
+from fogline.protocol import ConfigError, FleetError
 
 from ._metrics import FleetCollector, fleet_registry
 from ._monitor import MonitorStats
+from ._select import DeviceFilter
 from ._store import FleetStore
 from ._summary import AttentionThresholds, FleetSummary, summarize
 
@@ -134,7 +137,7 @@ class FleetWebServer:
         self.close()
 
     def _route(self, path: str) -> tuple[HTTPStatus, str, bytes]:
-        path = path.split("?", 1)[0]
+        path, _, query = path.partition("?")
         if path == "/metrics":
             return HTTPStatus.OK, CONTENT_TYPE_LATEST, generate_latest(self._registry)
         if path == "/":
@@ -142,7 +145,12 @@ class FleetWebServer:
         if path == "/api/summary":
             return HTTPStatus.OK, "application/json", self.summary().model_dump_json().encode()
         if path == "/api/devices":
-            body = json.dumps([d.model_dump(mode="json") for d in self.store.devices()])
+            try:
+                wanted = _device_filter(query)
+            except ConfigError as exc:
+                return HTTPStatus.BAD_REQUEST, "text/plain", f"{exc.message}\n".encode()
+            rows = [d for d in self.store.devices() if wanted.matches(d)]
+            body = json.dumps([d.model_dump(mode="json") for d in rows])
             return HTTPStatus.OK, "application/json", body.encode()
         if path == "/healthz":
             return HTTPStatus.OK, "text/plain", b"ok\n"
@@ -168,3 +176,18 @@ class FleetWebServer:
                 log.debug("%s " + format, self.address_string(), *args)
 
         return Handler
+
+
+def _device_filter(query: str) -> DeviceFilter:
+    """``offline=1``, ``group=``, ``class=``, ``model=NAME[:VERSION]``; nothing else."""
+    params = urllib.parse.parse_qs(query, keep_blank_values=True)
+    unknown = sorted(set(params) - {"offline", "group", "class", "model"})
+    if unknown:
+        raise ConfigError(f"unknown device filter {unknown[0]!r}")
+    one = {k: v[-1] for k, v in params.items()}
+    return DeviceFilter.parse(
+        offline=one.get("offline", "0") not in ("", "0", "false"),
+        group=one.get("group"),
+        device_class=one.get("class"),
+        model=one.get("model"),
+    )

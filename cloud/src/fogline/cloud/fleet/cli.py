@@ -24,13 +24,13 @@ from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.logging import RichHandler
 
-from fogline.protocol import ConfigError, FoglineError, MqttTransport
+from fogline.protocol import FoglineError, MqttTransport
 
 from ._config import FleetSettings, load_fleet_settings
 from ._monitor import FleetMonitor
 from ._open import open_fleet_store
-from ._records import DeviceRecord
 from ._render import device_detail, devices_table, summary_view
+from ._select import DeviceFilter
 from ._store import FleetStore
 from ._summary import summarize
 from ._web import FleetWebServer
@@ -166,37 +166,6 @@ def status(
     )
 
 
-def _parse_model_filter(value: str | None) -> tuple[str, int | None] | None:
-    """``NAME`` or ``NAME:VERSION``."""
-    if value is None:
-        return None
-    name, _, version = value.partition(":")
-    if not name or (version and not version.isdigit()):
-        raise ConfigError(f"--model: {value!r} is not NAME or NAME:VERSION")
-    return name, int(version) if version else None
-
-
-def _selected(
-    record: DeviceRecord,
-    offline: bool,
-    group: str | None,
-    device_class: str | None,
-    model: tuple[str, int | None] | None,
-) -> bool:
-    if offline and record.online:
-        return False
-    if group is not None and group not in record.groups:
-        return False
-    if device_class is not None and record.device_class != device_class:
-        return False
-    if model is not None:
-        running = record.heartbeat.models if record.heartbeat is not None else {}
-        name, version = model
-        if name not in running or (version is not None and running[name] != version):
-            return False
-    return True
-
-
 @app.command()
 def devices(
     offline: Annotated[bool, typer.Option("--offline", help="Only offline devices.")] = False,
@@ -217,12 +186,14 @@ def devices(
 ) -> None:
     """List the devices in the registry; the filters combine."""
     try:
-        wanted = _parse_model_filter(model)
+        wanted = DeviceFilter.parse(
+            offline=offline, group=group, device_class=device_class, model=model
+        )
     except FoglineError as exc:
         _fail(exc, as_json)
 
     def frame(store: FleetStore) -> tuple[Any, RenderableType]:
-        rows = [d for d in store.devices() if _selected(d, offline, group, device_class, wanted)]
+        rows = [d for d in store.devices() if wanted.matches(d)]
         return [d.model_dump(mode="json") for d in rows], devices_table(rows)
 
     _show(
