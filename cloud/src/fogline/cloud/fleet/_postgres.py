@@ -24,7 +24,7 @@ import psycopg
 import psycopg_pool
 from pydantic import ValidationError
 
-from fogline.protocol import FleetError, FleetStoreUnavailableError, UnknownDeviceError
+from fogline.protocol import FleetError, FleetStoreUnavailableError
 
 from ._records import DeviceRecord, EventRecord
 from ._store import (
@@ -32,9 +32,11 @@ from ._store import (
     MAX_EVENTS_PER_DEVICE,
     FoldingStore,
     Sweep,
+    corrupt_record,
     device_row,
     event_from_row,
     event_row,
+    unknown_device,
 )
 
 __all__ = ["PostgresFleetStore", "redact_url"]
@@ -161,10 +163,7 @@ class PostgresFleetStore(FoldingStore):
                 f"fleet store {self.location}: {action} failed: {detail.replace(self.url, '')}"
             ) from None
         except ValidationError as exc:
-            raise FleetError(
-                f"fleet store {self.location}: {action}: a stored record is corrupt: "
-                f"{exc.errors()[0]['msg']}"
-            ) from None
+            raise corrupt_record(self.location, action, exc) from None
 
     # -- reads ---------------------------------------------------------------------------
     def devices(self) -> list[DeviceRecord]:
@@ -180,7 +179,7 @@ class PostgresFleetStore(FoldingStore):
                 "SELECT record FROM fleet_devices WHERE device_id = %s", (device_id,)
             ).fetchone()
             if row is None:
-                raise UnknownDeviceError(f"no device {device_id!r} in the fleet registry")
+                raise unknown_device(device_id)
             return DeviceRecord.model_validate(row[0])
 
     def events(self, device_id: str, limit: int = MAX_EVENTS_PER_DEVICE) -> list[EventRecord]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from fogline.protocol import FleetError, FleetStoreUnavailableError, UnknownDeviceError
+from fogline.protocol import FleetError, FleetStoreUnavailableError
 
 from ._records import DeviceRecord, EventRecord
 from ._store import (
@@ -25,9 +25,11 @@ from ._store import (
     MAX_EVENTS_PER_DEVICE,
     FoldingStore,
     Sweep,
+    corrupt_record,
     device_row,
     event_from_row,
     event_row,
+    unknown_device,
 )
 
 __all__ = ["FLEET_DB_NAME", "SqliteFleetStore"]
@@ -114,10 +116,7 @@ class SqliteFleetStore(FoldingStore):
             error = FleetStoreUnavailableError if locked else FleetError
             raise error(f"fleet store {self.path}: {action} failed: {exc}") from None
         except ValidationError as exc:
-            raise FleetError(
-                f"fleet store {self.path}: {action}: a stored record is corrupt: "
-                f"{exc.errors()[0]['msg']}"
-            ) from None
+            raise corrupt_record(str(self.path), action, exc) from None
 
     # -- reads ---------------------------------------------------------------------------
     def devices(self) -> list[DeviceRecord]:
@@ -131,7 +130,7 @@ class SqliteFleetStore(FoldingStore):
                 "SELECT record FROM devices WHERE device_id = ?", (device_id,)
             ).fetchone()
             if row is None:
-                raise UnknownDeviceError(f"no device {device_id!r} in the fleet registry")
+                raise unknown_device(device_id)
             return DeviceRecord.model_validate_json(row[0])
 
     def events(self, device_id: str, limit: int = MAX_EVENTS_PER_DEVICE) -> list[EventRecord]:

@@ -17,7 +17,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from fogline.protocol import DeviceEvent, DeviceState, Heartbeat, UnknownDeviceError
+from pydantic import ValidationError
+
+from fogline.protocol import DeviceEvent, DeviceState, FleetError, Heartbeat, UnknownDeviceError
 
 from ._records import (
     DeviceRecord,
@@ -35,9 +37,11 @@ __all__ = [
     "FoldingStore",
     "Observed",
     "Sweep",
+    "corrupt_record",
     "device_row",
     "event_from_row",
     "event_row",
+    "unknown_device",
 ]
 
 MAX_EVENTS_PER_DEVICE = 50
@@ -58,6 +62,17 @@ def device_row(record: DeviceRecord) -> tuple[str, str, float, float | None, str
 
 def event_row(event: EventRecord) -> tuple[object, ...]:
     return tuple(getattr(event, column) for column in EVENT_COLUMNS)
+
+
+def unknown_device(device_id: str) -> UnknownDeviceError:
+    return UnknownDeviceError(f"no device {device_id!r} in the fleet registry")
+
+
+def corrupt_record(location: str, action: str, exc: ValidationError) -> FleetError:
+    """What a store reports for a stored record that no longer parses."""
+    return FleetError(
+        f"fleet store {location}: {action}: a stored record is corrupt: {exc.errors()[0]['msg']}"
+    )
 
 
 def event_from_row(row: Sequence[object]) -> EventRecord:
@@ -162,7 +177,7 @@ class FoldingStore(ABC):
     def forget(self, device_id: str) -> None:
         with self._transaction():
             if not self._delete(device_id):
-                raise UnknownDeviceError(f"no device {device_id!r} in the fleet registry")
+                raise unknown_device(device_id)
 
     # -- primitives (called inside _transaction) ---------------------------------------
     @abstractmethod
