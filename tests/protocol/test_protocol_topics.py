@@ -116,6 +116,8 @@ def test_filters_match_what_the_builders_build(
         (t.all_device("state"), t.device_state(ident)),
         (t.all_device("heartbeat"), t.heartbeat(ident)),
         (t.all_device("events"), t.events(ident)),
+        (t.all_device("desired"), t.device_desired(ident)),
+        (t.all_group_desired(), t.group_desired(ident)),
     ]
     for topic_filter, topic in pairs:
         assert paho.topic_matches_sub(topic_filter, topic), (topic_filter, topic)

@@ -19,7 +19,7 @@ from fogline.protocol import (
 
 from ._registry import DesiredRecord, ModelRecord
 
-__all__ = ["Scope", "build_desired", "build_manifest", "parse_scope"]
+__all__ = ["Scope", "build_desired", "build_manifest", "format_scope", "parse_scope"]
 
 ScopeKind = Literal["fleet", "group", "device"]
 Scope = tuple[ScopeKind, str | None]
@@ -34,6 +34,12 @@ def parse_scope(text: str) -> Scope:
         raise ConfigError(f"--to must be fleet, group:NAME or device:ID, got {text!r}")
     validate_id(target, f"{kind} name" if kind == "group" else "device id")
     return ("group" if kind == "group" else "device"), target
+
+
+def format_scope(scope: Scope) -> str:
+    """The inverse of :func:`parse_scope`."""
+    kind, target = scope
+    return kind if target is None else f"{kind}:{target}"
 
 
 def build_manifest(
@@ -93,5 +99,8 @@ def build_desired(record: DesiredRecord, *, ttl_s: float | None = None) -> Desir
         issued_at=now,
         expires_at=None if ttl_s is None else now + ttl_s,
         key_id="unsigned",
-        models={name: DesiredModel(version=v) for name, v in sorted(record.models.items())},
+        models={
+            name: DesiredModel(version=v, allow_rollback=name in record.rollbacks)
+            for name, v in sorted(record.models.items())
+        },
     )

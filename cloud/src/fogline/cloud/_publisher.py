@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fogline.protocol import (
     MqttTransport,
+    RegistryError,
     SignedDesiredState,
     SignedRelease,
     SigningKey,
@@ -17,7 +18,7 @@ from fogline.protocol import (
     sign_release,
 )
 
-from ._manifest import Scope, build_desired, build_manifest, parse_scope
+from ._manifest import Scope, build_desired, build_manifest, format_scope, parse_scope
 from ._registry import Registry
 
 __all__ = ["PublishResult", "load_signing_key", "publish_release"]
@@ -58,9 +59,15 @@ def publish_release(
     chunk_size: int = 256 * 1024,
     ttl_s: float = 90 * 86400.0,
     timeout: float = 10.0,
+    rollback: bool = False,
 ) -> PublishResult:
     """Sign ``model:version`` (latest if None), publish it retained (QoS 1) on its release
     topic, then point the scope's signed desired state at it (retained).
+
+    A version older than the one the scope's desired state names is a rollback: agents
+    install it only if the desired state says so (``allow_rollback``), so it needs
+    ``rollback=True``; without it a :class:`RegistryError` is raised before anything is
+    published.
 
     Waits for the broker's acknowledgements; raises a :class:`TransportError` if the
     broker does not take them. The registry marks the version published only after both
@@ -68,11 +75,20 @@ def publish_release(
     topics = topics or Topics()
     scope_t = parse_scope(scope) if isinstance(scope, str) else scope
     record = registry.get(model, version)
+    current = registry.desired(*scope_t)
+    current_version = None if current is None else current.models.get(record.name)
+    if current_version is not None and record.version < current_version and not rollback:
+        raise RegistryError(
+            f"{record.ref} is older than v{current_version}, which {format_scope(scope_t)} "
+            "is meant to run: publish it as a rollback (--rollback) to go back"
+        )
     signed = sign_release(build_manifest(record, chunk_size=chunk_size, ttl_s=ttl_s), key)
     release_topic = topics.release(record.name, record.version)
     desired_topic = _desired_topic(topics, scope_t)
     transport.publish(release_topic, encode(signed), qos=1, retain=True, wait=True, timeout=timeout)
-    desired_record = registry.update_desired(scope_t[0], scope_t[1], record.name, record.version)
+    desired_record = registry.update_desired(
+        scope_t[0], scope_t[1], record.name, record.version, allow_rollback=rollback
+    )
     desired = sign_desired(build_desired(desired_record), key)
     transport.publish(
         desired_topic, encode(desired), qos=1, retain=True, wait=True, timeout=timeout

@@ -139,10 +139,39 @@ class ModelRecord:
 
 @dataclass(frozen=True)
 class DesiredRecord:
+    """A scope's desired state as last published: model -> version, and which of those
+    versions are signed rollbacks (agents install an older version only for those)."""
+
     scope: Literal["fleet", "group", "device"]
     target: str | None
     sequence: int
     models: dict[str, int]
+    rollbacks: frozenset[str] = frozenset()
+
+
+def _dump_desired_models(models: Mapping[str, int], rollbacks: frozenset[str]) -> str:
+    return json.dumps(
+        {
+            name: {"version": v, "allow_rollback": True} if name in rollbacks else v
+            for name, v in models.items()
+        },
+        sort_keys=True,
+    )
+
+
+def _load_desired_models(text: str) -> tuple[dict[str, int], frozenset[str]]:
+    """Reads both forms: a bare version (every registry before rollbacks), or a version
+    with ``allow_rollback``."""
+    models: dict[str, int] = {}
+    rollbacks: set[str] = set()
+    for name, entry in json.loads(text).items():
+        if isinstance(entry, dict):
+            models[name] = int(entry["version"])
+            if entry.get("allow_rollback"):
+                rollbacks.add(name)
+        else:
+            models[name] = int(entry)
+    return models, frozenset(rollbacks)
 
 
 def parse_model_ref(ref: str) -> tuple[str, int | None]:
@@ -298,8 +327,11 @@ class Registry:
         target: str | None,
         model: str,
         version: int,
+        *,
+        allow_rollback: bool = False,
     ) -> DesiredRecord:
-        """Set ``model`` to ``version`` in a scope's desired state and bump its sequence.
+        """Set ``model`` to ``version`` in a scope's desired state and bump its sequence;
+        ``allow_rollback`` marks it a signed rollback (other models keep their marks).
 
         The sequence is at least the current time in milliseconds, so it stays monotonic
         for agents even if this registry is ever recreated."""
@@ -309,14 +341,17 @@ class Registry:
                 "SELECT sequence, models FROM desired WHERE scope=? AND target=?", (scope, key)
             ).fetchone()
             previous = 0 if row is None else int(row["sequence"])
-            models: dict[str, int] = {} if row is None else json.loads(row["models"])
+            models, rollbacks = (
+                ({}, frozenset()) if row is None else _load_desired_models(row["models"])
+            )
             models[model] = version
+            rollbacks = rollbacks | {model} if allow_rollback else rollbacks - {model}
             sequence = max(previous + 1, int(time.time() * 1000))
             db.execute(
                 "INSERT OR REPLACE INTO desired VALUES (?,?,?,?,?)",
-                (scope, key, sequence, json.dumps(models, sort_keys=True), time.time()),
+                (scope, key, sequence, _dump_desired_models(models, rollbacks), time.time()),
             )
-        return DesiredRecord(scope, target, sequence, models)
+        return DesiredRecord(scope, target, sequence, models, rollbacks)
 
     # -- reading ------------------------------------------------------------------------
     def get(self, name: str, version: int | None = None) -> ModelRecord:
@@ -357,7 +392,8 @@ class Registry:
             ).fetchone()
         if row is None:
             return None
-        return DesiredRecord(row["scope"], target, int(row["sequence"]), json.loads(row["models"]))
+        models, rollbacks = _load_desired_models(row["models"])
+        return DesiredRecord(row["scope"], target, int(row["sequence"]), models, rollbacks)
 
     def artifact_path(self, record: ModelRecord, quantization: str) -> Path:
         variant = record.variant(quantization)

@@ -133,9 +133,13 @@ class Topics:
     def all_infer_requests(self) -> str:
         return f"{self.prefix}/infer/+/requests"
 
-    def all_device(self, leaf: Literal["state", "heartbeat", "events"]) -> str:
-        """Filter over every device's ``state``, ``heartbeat`` or ``events`` topic."""
+    def all_device(self, leaf: Literal["state", "heartbeat", "events", "desired"]) -> str:
+        """Filter over every device's ``state``, ``heartbeat``, ``events`` or ``desired``
+        topic."""
         return f"{self.prefix}/devices/+/{leaf}"
+
+    def all_group_desired(self) -> str:
+        return f"{self.prefix}/groups/+/desired"
 
     # -- parser -----------------------------------------------------------------------
     def parse(self, topic: str) -> ParsedTopic:

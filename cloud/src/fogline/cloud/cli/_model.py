@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from fogline.protocol import ConfigError, TrustStore
+
 from .._manifest import parse_scope
 from .._pipeline import import_model
-from .._publisher import load_signing_key, publish_release
+from .._publisher import PublishResult, load_signing_key, publish_release
 from .._registry import Registry
+from .._rollout import RolloutStatus, RolloutTracker, RolloutWatch
 from ._common import (
     AsJson,
     BrokerUrl,
@@ -33,6 +37,7 @@ from ._render import (
     models_table,
     print_pipeline_result,
 )
+from ._rollout_view import follow_rollout, rollout_line, rollout_table
 
 __all__ = ["app"]
 
@@ -113,9 +118,46 @@ def import_(
 def publish(
     ref: ModelRef,
     to: Annotated[str, typer.Option("--to", help="fleet, group:NAME or device:ID")] = "fleet",
+    rollback: Annotated[
+        bool,
+        typer.Option(
+            "--rollback",
+            help="Go back to an older version: the desired state allows the agents to "
+            "install it (without this, an older version than the scope's is refused).",
+        ),
+    ] = False,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="Follow the rollout until every online device in the scope runs the "
+            "version (or failed), with a progress bar; exit 1 if it times out or aborts.",
+        ),
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.0, help="Seconds --wait waits at most.")
+    ] = 300.0,
+    max_failures: Annotated[
+        int | None,
+        typer.Option(
+            "--max-failures",
+            min=0,
+            help="With --wait: abort once more devices than this failed to install "
+            "\\[default: never abort; 0 with --rollback-on-failure]",
+        ),
+    ] = None,
+    rollback_on_failure: Annotated[
+        bool,
+        typer.Option(
+            "--rollback-on-failure",
+            help="With --wait: if the rollout aborts, publish the scope's previous version "
+            "again as a signed rollback.",
+        ),
+    ] = False,
     broker: BrokerUrl = None,
     data_dir: DataDir = None,
     config: ConfigFile = None,
+    no_progress: NoProgress = False,
     as_json: AsJson = False,
 ) -> None:
     """Sign a release, publish it retained and point the scope's desired state at it."""
@@ -125,24 +167,92 @@ def publish(
         # Bad input fails before the broker is touched.
         record = registry.resolve(ref)
         scope = parse_scope(to)
+        if (rollback_on_failure or max_failures is not None) and not wait:
+            raise ConfigError("--max-failures and --rollback-on-failure need --wait")
+        if rollback_on_failure and max_failures is None:
+            max_failures = 0
+        previous = registry.desired(*scope)
+        previous_version = None if previous is None else previous.models.get(record.name)
         key = load_signing_key(settings.data_dir)
-        transport = connect(settings)
-        try:
-            result = publish_release(
+
+        def publish_version(version: int, as_rollback: bool) -> PublishResult:
+            return publish_release(
                 registry,
                 record.name,
-                record.version,
+                version,
                 transport,
                 key,
                 scope=scope,
                 topics=settings.topics,
                 chunk_size=settings.chunk_size,
                 ttl_s=settings.release_ttl_days * 86400.0,
+                rollback=as_rollback,
             )
+
+        status: RolloutStatus | None = None
+        rolled_back_to: int | None = None
+        transport = connect(settings)
+        try:
+            with contextlib.ExitStack() as stack:
+                if wait:
+                    tracker = RolloutTracker(
+                        record.name,
+                        record.version,
+                        scope,
+                        record.assignments,
+                        topics=settings.topics,
+                        trust=TrustStore([key.public_key]),
+                    )
+                    watch = stack.enter_context(RolloutWatch(transport, tracker))
+                    watch.settle()  # the retained device states first: who is in the scope
+                result = publish_version(record.version, rollback)
+                if wait:
+                    tracker.restart_clock()
+                    status = follow_rollout(
+                        watch,
+                        timeout_s=timeout,
+                        max_failures=max_failures,
+                        progress=not (no_progress or as_json),
+                        console=stderr,
+                    )
+            aborted = status is not None and status.result == "aborted"
+            if aborted and rollback_on_failure and previous_version not in (None, record.version):
+                assert previous_version is not None
+                publish_version(previous_version, previous_version < record.version)
+                rolled_back_to = previous_version
         finally:
             transport.close()
+    summary = _publish_summary(result)
+    if status is not None:
+        summary["rollout"] = status.summary()
+        summary["rolled_back_to"] = rolled_back_to
+    if as_json:
+        emit_json(summary)
+    else:
+        _print_publish(summary)
+        if status is not None:
+            table = rollout_table(status)
+            if table is not None:
+                stdout.print(table)
+            stdout.print(rollout_line(status))
+            if status.result == "aborted":
+                stdout.print(
+                    f"rolled back {to} to {record.name}:{rolled_back_to}"
+                    if rolled_back_to is not None
+                    else "not rolled back: "
+                    + (
+                        "no previous version in this scope"
+                        if rollback_on_failure
+                        else "pass --rollback-on-failure to roll back automatically"
+                    )
+                )
+    if status is not None and status.result != "complete":
+        raise typer.Exit(1)
+
+
+def _publish_summary(result: PublishResult) -> dict[str, Any]:
     manifest = result.release.manifest
-    summary = {
+    return {
         "model": manifest.model,
         "version": manifest.version,
         "key_id": manifest.key_id,
@@ -150,14 +260,17 @@ def publish(
         "release_topic": result.release_topic,
         "desired_topic": result.desired_topic,
         "sequence": result.desired.desired.sequence,
+        "rollback": any(m.allow_rollback for m in result.desired.desired.models.values()),
         "variants": {v.device_class: v.quantization for v in manifest.variants},
     }
-    if as_json:
-        emit_json(summary)
-        return
+
+
+def _print_publish(summary: dict[str, Any]) -> None:
+    variants: dict[str, str] = summary["variants"]
     stdout.print(
-        f"published [bold]{manifest.model}:{manifest.version}[/bold] signed by key "
-        f"{manifest.key_id}\n  release: {result.release_topic}\n  desired: "
-        f"{result.desired_topic} (sequence {summary['sequence']})\n  variants: "
-        + ", ".join(f"{c}={q}" for c, q in summary["variants"].items())  # type: ignore[attr-defined]
+        f"published [bold]{summary['model']}:{summary['version']}[/bold]"
+        + (" as a rollback" if summary["rollback"] else "")
+        + f" signed by key {summary['key_id']}\n  release: {summary['release_topic']}\n"
+        f"  desired: {summary['desired_topic']} (sequence {summary['sequence']})\n"
+        "  variants: " + ", ".join(f"{c}={q}" for c, q in variants.items())
     )
