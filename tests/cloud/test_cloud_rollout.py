@@ -8,11 +8,12 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from fogline.cloud import Registry, build_desired, load_signing_key, publish_release
-from fogline.cloud._rollout import RolloutTracker
+from fogline.cloud._rollout import RolloutTracker, RolloutWatch
 from fogline.protocol import (
     DesiredModel,
     DesiredState,
@@ -248,3 +249,20 @@ def test_publishing_an_older_version_needs_rollback(
     publish_release(registry, "digits", v1, transport, key, topics=topics, scope="group:lab")
     result = publish_release(registry, "digits", v1, transport, key, topics=topics, rollback=True)
     assert result.desired.desired.models["digits"] == DesiredModel(version=1, allow_rollback=True)
+
+
+def test_wait_results() -> None:
+    t = tracker()
+    t.handle(state("a"))
+    t.handle(state("b"))
+    watch = RolloutWatch(cast(MqttTransport, None), t)  # wait() reads only the tracker
+    seen: list[int] = []
+    status = watch.wait(0.2, on_change=lambda s: seen.append(s.counts["pending"]))
+    assert status.result == "timed_out" and seen and seen[-1] == 2
+    t.handle(event("a", "install_failed", 2, reason="load_failed"))
+    assert watch.wait(5, max_failures=0).result == "aborted"  # b still pending
+    t.handle(event("b", "install_succeeded", 2))
+    assert watch.wait(5).result == "failed"  # settled, with a failure
+    assert watch.wait(5, max_failures=1).result == "complete"  # tolerated
+    t.handle(event("a", "install_succeeded", 2))
+    assert watch.wait(5).result == "complete"

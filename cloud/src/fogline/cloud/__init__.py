@@ -1,5 +1,6 @@
 """Fogline cloud tier: training on Ray, ONNX export, gated quantization, the model
-registry, signed releases, the artifact service and the ``fogline`` CLI.
+registry, signed releases and rollbacks, rollout tracking, the artifact service and the
+``fogline`` CLI.
 
 Importing this package does not import Ray or torch; the functions that need them
 import them when called.
@@ -14,10 +15,11 @@ from ._config import (
     load_settings,
 )
 from ._gate import BASELINE, GateDecision, VariantMeasurement, choose_variants
-from ._manifest import build_desired, build_manifest, parse_scope
+from ._manifest import build_desired, build_manifest, format_scope, parse_scope
 from ._pipeline import PipelineResult, import_model, run_pipeline
 from ._publisher import PublishResult, load_signing_key, publish_release
 from ._registry import DesiredRecord, ModelRecord, Registry, VariantRecord, parse_model_ref
+from ._rollout import DeviceRollout, RolloutStatus, RolloutTracker, RolloutWatch
 from ._store import ArtifactStore
 
 __all__ = [
@@ -28,17 +30,22 @@ __all__ = [
     "CloudSettings",
     "DesiredRecord",
     "DeviceClass",
+    "DeviceRollout",
     "GateDecision",
     "ModelRecord",
     "PipelineResult",
     "PublishResult",
     "Registry",
+    "RolloutStatus",
+    "RolloutTracker",
+    "RolloutWatch",
     "ServeConfig",
     "VariantMeasurement",
     "VariantRecord",
     "build_desired",
     "build_manifest",
     "choose_variants",
+    "format_scope",
     "import_model",
     "load_settings",
     "load_signing_key",

@@ -67,7 +67,7 @@ def publish_release(
     A version older than the one the scope's desired state names is a rollback: agents
     install it only if the desired state says so (``allow_rollback``), so it needs
     ``rollback=True``; without it a :class:`RegistryError` is raised before anything is
-    published.
+    published. A rollback publishes the desired state first, then the release.
 
     Waits for the broker's acknowledgements; raises a :class:`TransportError` if the
     broker does not take them. The registry marks the version published only after both
@@ -85,14 +85,17 @@ def publish_release(
     signed = sign_release(build_manifest(record, chunk_size=chunk_size, ttl_s=ttl_s), key)
     release_topic = topics.release(record.name, record.version)
     desired_topic = _desired_topic(topics, scope_t)
-    transport.publish(release_topic, encode(signed), qos=1, retain=True, wait=True, timeout=timeout)
     desired_record = registry.update_desired(
         scope_t[0], scope_t[1], record.name, record.version, allow_rollback=rollback
     )
     desired = sign_desired(build_desired(desired_record), key)
-    transport.publish(
-        desired_topic, encode(desired), qos=1, retain=True, wait=True, timeout=timeout
-    )
+    steps = [(release_topic, encode(signed)), (desired_topic, encode(desired))]
+    if rollback:
+        # An agent that sees the older release before the desired state allowing it
+        # rejects it as a rollback; the other way round it installs it.
+        steps.reverse()
+    for topic, payload in steps:
+        transport.publish(topic, payload, qos=1, retain=True, wait=True, timeout=timeout)
     registry.mark_published(record.name, record.version)
     log.info("published %s to %s (sequence %d)", record.ref, desired_topic, desired_record.sequence)
     return PublishResult(signed, desired, release_topic, desired_topic)

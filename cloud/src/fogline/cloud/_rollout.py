@@ -17,8 +17,9 @@ Outcomes, per device the scope covers:
   group first, as the agent merges them) names another version of the model;
 - ``no_variant``: the release has no variant for its device class; the cloud serves it.
 
-A rollout is *complete* when no device is pending, *aborted* when more than
-``max_failures`` devices failed.
+A rollout ends when no device is pending: *complete* if none failed (or no more than
+``max_failures``, when that is given), else *failed*. It is *aborted* as soon as more
+than ``max_failures`` devices failed, pending ones or not.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ log = logging.getLogger("fogline.cloud.rollout")
 
 Outcome = Literal["updated", "failed", "pending", "offline", "held", "no_variant"]
 OUTCOMES: tuple[Outcome, ...] = ("updated", "failed", "pending", "offline", "held", "no_variant")
-Result = Literal["complete", "aborted", "timed_out", "in_progress"]
+Result = Literal["complete", "failed", "aborted", "timed_out", "in_progress"]
 
 _SUCCESS = ("install_succeeded", "rollback")  # "rollback" is a rollback's install succeeding
 _FAILURE = ("install_failed", "release_rejected")
@@ -369,9 +370,9 @@ class RolloutWatch:
         on_change: Callable[[RolloutStatus], None] | None = None,
         poll_s: float = 0.1,
     ) -> RolloutStatus:
-        """Block until the rollout is complete (no device pending), aborted (more than
-        ``max_failures`` failed) or ``timeout_s`` passed; ``on_change`` sees each new
-        status (for a progress bar)."""
+        """Block until no device is pending (``complete`` or ``failed``), more than
+        ``max_failures`` failed (``aborted``) or ``timeout_s`` passed (``timed_out``);
+        ``on_change`` sees each new status (for a progress bar)."""
         deadline = time.monotonic() + timeout_s
         while True:
             status = self.tracker.status()
@@ -380,7 +381,8 @@ class RolloutWatch:
             if max_failures is not None and status.counts["failed"] > max_failures:
                 return self.tracker.status("aborted")
             if status.settled:
-                return self.tracker.status("complete")
+                failed = status.counts["failed"] and max_failures is None
+                return self.tracker.status("failed" if failed else "complete")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return self.tracker.status("timed_out")

@@ -131,7 +131,7 @@ def publish(
         typer.Option(
             "--wait",
             help="Follow the rollout until every online device in the scope runs the "
-            "version (or failed), with a progress bar; exit 1 if it times out or aborts.",
+            "version (or failed), with a progress bar; exit 1 unless it completes.",
         ),
     ] = False,
     timeout: Annotated[
@@ -160,7 +160,8 @@ def publish(
     no_progress: NoProgress = False,
     as_json: AsJson = False,
 ) -> None:
-    """Sign a release, publish it retained and point the scope's desired state at it."""
+    """Sign a release, publish it retained and point the scope's desired state at it;
+    with --wait, follow the rollout (and roll it back if it fails)."""
     with cli_errors(as_json):
         settings = settings_from(config, data_dir, broker)
         registry = Registry(settings.data_dir)

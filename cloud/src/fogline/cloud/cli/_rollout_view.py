@@ -52,6 +52,7 @@ def rollout_line(status: RolloutStatus) -> str:
     c = status.counts
     head = {
         "complete": "[green]rollout complete[/green]",
+        "failed": "[red]rollout failed[/red]",
         "aborted": "[red]rollout aborted[/red]",
         "timed_out": "[yellow]rollout timed out[/yellow]",
         "in_progress": "rollout in progress",
