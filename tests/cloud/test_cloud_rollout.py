@@ -188,10 +188,11 @@ def test_garbage_and_forged_desired_states_are_counted_and_ignored() -> None:
         msg("elsewhere/devices/a/state", b""),
         msg(T.group_desired("canary"), b"not msgpack"),
         forged,
+        msg(T.heartbeat("a"), heartbeat("b", 2).payload),  # another device's, on a's topic
     ]:
         t.handle(bad)
     status = t.status()
-    assert status.ignored_messages == 5
+    assert status.ignored_messages == 6
     assert outcomes(t) == {"a": "pending"}  # the forged hold did not count
 
 

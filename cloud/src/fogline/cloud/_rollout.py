@@ -33,10 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fogline.protocol import (
+    DecodeError,
     DeviceEvent,
     DeviceState,
     FoglineError,
     Heartbeat,
+    Message,
     MqttMessage,
     MqttTransport,
     SignedDesiredState,
@@ -56,6 +58,11 @@ Outcome = Literal["updated", "failed", "pending", "offline", "held", "no_variant
 OUTCOMES: tuple[Outcome, ...] = ("updated", "failed", "pending", "offline", "held", "no_variant")
 Result = Literal["complete", "failed", "aborted", "timed_out", "in_progress"]
 
+_REPORTS: dict[str, type[Message]] = {
+    "device_state": DeviceState,
+    "heartbeat": Heartbeat,
+    "events": DeviceEvent,
+}
 _SUCCESS = ("install_succeeded", "rollback")  # "rollback" is a rollback's install succeeding
 _FAILURE = ("install_failed", "release_rejected")
 
@@ -183,12 +190,16 @@ class RolloutTracker:
                 elif parsed.kind == "device_desired":
                     assert parsed.device_id is not None
                     self._want(self._devices_want, parsed.device_id, msg.payload)
-                elif parsed.kind == "device_state" and msg.payload:
-                    self._state(decode(msg.payload, DeviceState))
-                elif parsed.kind == "heartbeat":
-                    self._heartbeat(decode(msg.payload, Heartbeat))
-                elif parsed.kind == "events":
-                    self._event(decode(msg.payload, DeviceEvent))
+                elif parsed.kind in _REPORTS and msg.payload:
+                    report = decode(msg.payload, _REPORTS[parsed.kind])
+                    if report.device_id != parsed.device_id:  # type: ignore[attr-defined]
+                        raise DecodeError(f"{msg.topic}: a message of another device")
+                    if isinstance(report, DeviceState):
+                        self._state(report)
+                    elif isinstance(report, Heartbeat):
+                        self._heartbeat(report)
+                    elif isinstance(report, DeviceEvent):
+                        self._event(report)
         except FoglineError as exc:  # DecodeError, TopicError, SignatureError
             with self._lock:
                 self._ignored += 1
