@@ -9,6 +9,7 @@ fails loudly instead of being skipped.
 
 from __future__ import annotations
 
+import base64
 import math
 import types
 from collections.abc import Callable
@@ -41,6 +42,8 @@ from fogline.protocol import (
     SigningKey,
     Tensor,
     TensorSpec,
+    TrustChain,
+    issue_key_set,
     sign_desired,
     sign_release,
 )
@@ -60,6 +63,10 @@ REPLY_TOPICS = st.text(
     max_size=64,
 )
 
+PUBLIC_KEY_TEXTS = st.binary(min_size=32, max_size=32).map(
+    lambda raw: "ed25519:" + base64.b64encode(raw).decode()
+)
+
 # Named validators in the models -> what a valid value looks like.
 _VALIDATED: dict[str, st.SearchStrategy[str]] = {
     "_pydantic_id": IDS,
@@ -67,6 +74,7 @@ _VALIDATED: dict[str, st.SearchStrategy[str]] = {
     "_correlation": CORRELATION_IDS,
     "_reply_topic": REPLY_TOPICS,
     "_tensor_name": TENSOR_NAMES,
+    "_public_key_text": PUBLIC_KEY_TEXTS,
 }
 
 
@@ -226,7 +234,12 @@ def make_samples() -> dict[str, Message]:
         key_id=key.key_id,
         models={"digits": DesiredModel(version=3, allow_rollback=True)},
     )
+    new_key = SigningKey.generate()
+    link = issue_key_set(1, [key.public_key, new_key.public_key], [key, new_key])
     samples: list[Message] = [
+        link.key_set,
+        link,
+        TrustChain(links=[link, issue_key_set(2, [new_key.public_key], [new_key])]),
         manifest,
         sign_release(manifest, key),
         desired,
@@ -238,6 +251,7 @@ def make_samples() -> dict[str, Message]:
             device_class="rpi4",
             groups=["canary"],
             agent_version="0.1.0",
+            key_set_version=2,
         ),
         Heartbeat(
             device_id="dev-1",

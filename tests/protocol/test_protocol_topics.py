@@ -75,6 +75,7 @@ def build_all(topics: Topics, ident: str, sha: str, version: int) -> list[tuple[
         (topics.artifact_get(sha), ParsedTopic("artifact_get", sha256=sha)),
         (topics.artifact_chunks(sha), ParsedTopic("artifact_chunks", sha256=sha)),
         (topics.fleet_desired(), ParsedTopic("fleet_desired")),
+        (topics.fleet_keys(), ParsedTopic("fleet_keys")),
         (topics.group_desired(ident), ParsedTopic("group_desired", group=ident)),
         (topics.device_desired(ident), ParsedTopic("device_desired", device_id=ident)),
         (topics.device_state(ident), ParsedTopic("device_state", device_id=ident)),
@@ -146,6 +147,7 @@ def test_the_default_layout() -> None:
     assert t.artifact_get("a" * 64) == f"fogline/v1/artifacts/{'a' * 64}/get"
     assert t.artifact_chunks("a" * 64) == f"fogline/v1/artifacts/{'a' * 64}/chunks"
     assert t.fleet_desired() == "fogline/v1/fleet/desired"
+    assert t.fleet_keys() == "fogline/v1/fleet/keys"
     assert t.group_desired("canary") == "fogline/v1/groups/canary/desired"
     assert t.device_desired("d1") == "fogline/v1/devices/d1/desired"
     assert t.device_state("d1") == "fogline/v1/devices/d1/state"

@@ -15,9 +15,16 @@ from ._config import (
     load_settings,
 )
 from ._gate import BASELINE, GateDecision, VariantMeasurement, choose_variants
+from ._keyring import KeyRing, KeySetChange
 from ._manifest import build_desired, build_manifest, format_scope, parse_scope
 from ._pipeline import PipelineResult, import_model, run_pipeline
-from ._publisher import PublishResult, load_signing_key, publish_release
+from ._publisher import (
+    PublishResult,
+    TrustPublishResult,
+    load_signing_key,
+    publish_release,
+    publish_trust,
+)
 from ._registry import DesiredRecord, ModelRecord, Registry, VariantRecord, parse_model_ref
 from ._rollout import DeviceRollout, RolloutStatus, RolloutTracker, RolloutWatch
 from ._store import ArtifactStore
@@ -32,6 +39,8 @@ __all__ = [
     "DeviceClass",
     "DeviceRollout",
     "GateDecision",
+    "KeyRing",
+    "KeySetChange",
     "ModelRecord",
     "PipelineResult",
     "PublishResult",
@@ -40,6 +49,7 @@ __all__ = [
     "RolloutTracker",
     "RolloutWatch",
     "ServeConfig",
+    "TrustPublishResult",
     "VariantMeasurement",
     "VariantRecord",
     "build_desired",
@@ -52,5 +62,6 @@ __all__ = [
     "parse_model_ref",
     "parse_scope",
     "publish_release",
+    "publish_trust",
     "run_pipeline",
 ]

@@ -1,4 +1,5 @@
-"""Sign a registered release and publish it, with the desired state of its scope."""
+"""Sign a registered release and publish it, with the desired state of its scope; after
+a key rotation, publish the trust chain and sign again what stays retained."""
 
 from __future__ import annotations
 
@@ -13,15 +14,23 @@ from fogline.protocol import (
     SignedRelease,
     SigningKey,
     Topics,
+    TrustChain,
     encode,
     sign_desired,
     sign_release,
 )
 
+from ._keyring import KeyRing
 from ._manifest import Scope, build_desired, build_manifest, format_scope, parse_scope
-from ._registry import Registry
+from ._registry import DesiredRecord, Registry
 
-__all__ = ["PublishResult", "load_signing_key", "publish_release"]
+__all__ = [
+    "PublishResult",
+    "TrustPublishResult",
+    "load_signing_key",
+    "publish_release",
+    "publish_trust",
+]
 
 log = logging.getLogger("fogline.cloud.publisher")
 
@@ -34,9 +43,19 @@ class PublishResult:
     desired_topic: str
 
 
+@dataclass(frozen=True)
+class TrustPublishResult:
+    """What :func:`publish_trust` published: the chain and what it signed again."""
+
+    chain_topic: str
+    key_set_version: int
+    releases: list[str]  # model:version
+    desired_topics: list[str]
+
+
 def load_signing_key(data_dir: Path) -> SigningKey:
-    """The cloud signing key under ``data_dir``, created (0600) on first use."""
-    return SigningKey.load_or_create(Path(data_dir) / "keys" / "cloud-signing.pem")
+    """The active cloud signing key under ``data_dir``, created (0600) on first use."""
+    return KeyRing(data_dir).active
 
 
 def _desired_topic(topics: Topics, scope: Scope) -> str:
@@ -94,8 +113,86 @@ def publish_release(
         # An agent that sees the older release before the desired state allowing it
         # rejects it as a rollback; the other way round it installs it.
         steps.reverse()
-    for topic, payload in steps:
-        transport.publish(topic, payload, qos=1, retain=True, wait=True, timeout=timeout)
+    _publish_retained(transport, steps, timeout)
     registry.mark_published(record.name, record.version)
     log.info("published %s to %s (sequence %d)", record.ref, desired_topic, desired_record.sequence)
     return PublishResult(signed, desired, release_topic, desired_topic)
+
+
+def _publish_retained(
+    transport: MqttTransport, steps: list[tuple[str, bytes]], timeout: float
+) -> None:
+    for topic, payload in steps:
+        transport.publish(topic, payload, qos=1, retain=True, wait=True, timeout=timeout)
+
+
+def publish_trust(
+    keyring: KeyRing,
+    registry: Registry,
+    transport: MqttTransport,
+    *,
+    topics: Topics | None = None,
+    chunk_size: int = 256 * 1024,
+    ttl_s: float = 90 * 86400.0,
+    timeout: float = 10.0,
+) -> TrustPublishResult:
+    """Publish the trust chain (retained), then sign again with the active key every
+    retained desired state and the releases they name, so that agents which have
+    dropped a retired key still read them. Other retained versions keep their old
+    signatures: agents ignore those once something newer is installed.
+
+    The chain goes first: an agent that gets a message signed by a key it does not know
+    yet keeps it and checks it again when its trusted keys change, but the usual order
+    needs no second look. Idempotent; run it again after a failure."""
+    topics = topics or Topics()
+    chain: TrustChain | None = keyring.chain()
+    key = keyring.active
+    chain_topic = topics.fleet_keys()
+    if chain is not None:
+        _publish_retained(transport, [(chain_topic, encode(chain))], timeout)
+    released: set[tuple[str, int]] = set()
+    desired_topics: list[str] = []
+    for record in registry.desired_records():
+        steps = _resigned_steps(registry, record, key, topics, released, chunk_size, ttl_s)
+        _publish_retained(transport, steps, timeout)
+        desired_topics.append(_desired_topic(topics, (record.scope, record.target)))
+    log.info(
+        "trust chain v%d published; %d releases and %d desired states signed by %s",
+        keyring.current().version,
+        len(released),
+        len(desired_topics),
+        key.key_id,
+    )
+    return TrustPublishResult(
+        chain_topic,
+        keyring.current().version,
+        [f"{m}:{v}" for m, v in sorted(released)],
+        desired_topics,
+    )
+
+
+def _resigned_steps(
+    registry: Registry,
+    record: DesiredRecord,
+    key: SigningKey,
+    topics: Topics,
+    released: set[tuple[str, int]],
+    chunk_size: int,
+    ttl_s: float,
+) -> list[tuple[str, bytes]]:
+    """A scope's releases (those not signed again yet) and then its desired state, at
+    its sequence; desired state first when it holds a rollback (see publish_release)."""
+    steps: list[tuple[str, bytes]] = []
+    for model, version in sorted(record.models.items()):
+        if (model, version) in released:
+            continue
+        released.add((model, version))
+        manifest = build_manifest(registry.get(model, version), chunk_size=chunk_size, ttl_s=ttl_s)
+        steps.append((topics.release(model, version), encode(sign_release(manifest, key))))
+    desired = encode(sign_desired(build_desired(record), key))
+    desired_topic = _desired_topic(topics, (record.scope, record.target))
+    return (
+        [(desired_topic, desired), *steps]
+        if record.rollbacks
+        else [*steps, (desired_topic, desired)]
+    )

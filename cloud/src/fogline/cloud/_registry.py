@@ -395,6 +395,19 @@ class Registry:
         models, rollbacks = _load_desired_models(row["models"])
         return DesiredRecord(row["scope"], target, int(row["sequence"]), models, rollbacks)
 
+    def desired_records(self) -> list[DesiredRecord]:
+        """Every scope's desired state, fleet first, then groups and devices by name."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT * FROM desired ORDER BY scope != 'fleet', scope, target"
+            ).fetchall()
+        out = []
+        for row in rows:
+            models, rollbacks = _load_desired_models(row["models"])
+            target = row["target"] or None
+            out.append(DesiredRecord(row["scope"], target, int(row["sequence"]), models, rollbacks))
+        return out
+
     def artifact_path(self, record: ModelRecord, quantization: str) -> Path:
         variant = record.variant(quantization)
         try:

@@ -22,9 +22,9 @@ from fogline.protocol import (
     FoglineError,
     Heartbeat,
     InferenceInputError,
+    MqttMessage,
     MqttTransport,
     TensorSpec,
-    TrustStore,
     UnknownModelError,
 )
 
@@ -47,6 +47,7 @@ from ._status import (
 )
 from ._store import ModelStore
 from ._telemetry import Outbox, Telemetry, offline_will
+from ._trust import TrustKeeper
 
 if TYPE_CHECKING:
     from ._http import HttpServer
@@ -127,7 +128,8 @@ class Agent:
         self._load_hints = LoadHints()
         self._max_queue = cap.max_queue
         self._fast = routing.policy in _LOCAL_WITHOUT_BUDGET
-        self._trust = TrustStore.from_texts(config.trusted_keys)
+        self._keys = TrustKeeper(config.data_dir, config.trusted_keys)
+        self._trust = self._keys.trust
         self._transport = transport
         self._own_transport = transport is None
         self._telemetry: Telemetry | None = None
@@ -156,7 +158,12 @@ class Agent:
         cfg = self.config
         if self._transport is None:
             will = offline_will(
-                cfg.topics, cfg.device_id, cfg.device_class, cfg.groups, self._clock()
+                cfg.topics,
+                cfg.device_id,
+                cfg.device_class,
+                cfg.groups,
+                self._clock(),
+                key_set_version=self._keys.version,
             )
             self._transport = MqttTransport(
                 cfg.mqtt, client_id=f"fogline-edge-{cfg.device_id}", will=will
@@ -175,6 +182,7 @@ class Agent:
             on_tick=self._write_status,
         )
         self._telemetry.event_filter = self._filter_event
+        self._telemetry.key_set_version = self._keys.version
         self._start_cloud()
         fetcher = ArtifactFetcher(self._transport, cfg.topics, cfg.device_id, cfg.delivery)
         fetcher.subscribe()
@@ -191,6 +199,7 @@ class Agent:
             activate=self._activate,
         )
         self._delivery.start()
+        self._transport.subscribe(cfg.topics.fleet_keys(), self._on_trust_chain, qos=1)
         self._telemetry.event("agent_started", detail=f"serving {sorted(self.models())}")
         self._telemetry.start()
         if self._own_transport:
@@ -515,6 +524,37 @@ class Agent:
             )
         return first
 
+    # -- signing keys -----------------------------------------------------------------------
+    def _on_trust_chain(self, msg: MqttMessage) -> None:
+        """A new trust chain (network thread): adopt what it allows, then retry what
+        was refused only because its key was unknown."""
+        if not msg.payload or self._telemetry is None:
+            return
+        try:
+            outcome = self._keys.apply(msg.payload)
+        except OSError as exc:  # trust.json could not be written: nothing was adopted
+            self._telemetry.event("keys_rejected", reason="not_saved", detail=str(exc))
+            return
+        if outcome.adopted:
+            ids = ", ".join(self._keys.key_ids)
+            detail = f"key set {outcome.version}: {ids}"
+            self._telemetry.event("keys_updated", reason="adopted", detail=detail)
+            self._telemetry.key_set_version = outcome.version
+            self._telemetry.announce()
+            if self._delivery is not None:
+                self._delivery.trust_changed()
+        if outcome.reason:
+            self._telemetry.event("keys_rejected", reason=outcome.reason, detail=outcome.detail)
+
+    @property
+    def key_set_version(self) -> int:
+        """The key set this agent trusts: 0 for its configured keys."""
+        return self._keys.version
+
+    @property
+    def trusted_key_ids(self) -> list[str]:
+        return self._keys.key_ids
+
     # -- load hints, status, telemetry ------------------------------------------------------
     def set_load_hints(self, **hints: float) -> None:
         """Device load signals (``cpu_load``, ``battery``, ``thermal``...) for the router."""
@@ -577,6 +617,8 @@ class Agent:
             uptime_s=time.monotonic() - self._started_at,
             http_url=self.http_url,
             load_hints=self.load_hints,
+            key_set_version=self._keys.version,
+            trusted_keys=self._keys.key_ids,
             at=self._clock(),
         )
 

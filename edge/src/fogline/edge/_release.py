@@ -103,6 +103,9 @@ class ReleaseManager:
         self._retry_at: dict[tuple[str, int, str], float] = {}  # retryable failures
         self._attempts: dict[tuple[str, int, str], int] = {}
         self._rollback_reported: set[tuple[str, int]] = set()
+        # The latest message per topic refused only for an unknown key: replayed when
+        # the trusted keys change (a rotation may arrive after what it signed).
+        self._unknown_key: dict[str, Callable[[], None]] = {}
         self._subscribed: set[str] = set()
         self._jobs: queue.Queue[str | None] = queue.Queue()
         self._stop = threading.Event()
@@ -196,6 +199,7 @@ class ReleaseManager:
 
     # -- desired state (network thread) ------------------------------------------------------
     def _on_desired(self, msg: MqttMessage, scope_key: str) -> None:
+        self._forget_unknown_key(msg.topic)
         if not msg.payload:  # the retained desired state of this scope was cleared
             with self._lock:
                 cleared = self._desired.pop(scope_key, None)
@@ -211,6 +215,8 @@ class ReleaseManager:
             state = verify_desired(signed, self._trust)
         except SignatureError as exc:
             reason = "unknown_key" if signed.desired.key_id not in self._trust else "bad_signature"
+            if reason == "unknown_key":
+                self._keep_for_new_keys(msg.topic, lambda: self._on_desired(msg, scope_key))
             self._telemetry.event("desired_rejected", reason=reason, detail=exc.message)
             return
         scope, _, target = scope_key.partition(":")
@@ -256,6 +262,7 @@ class ReleaseManager:
 
     # -- releases (network thread) ------------------------------------------------------------
     def _on_release(self, msg: MqttMessage) -> None:
+        self._forget_unknown_key(msg.topic)
         if not msg.payload:
             return
         try:
@@ -282,6 +289,9 @@ class ReleaseManager:
             verify_release(signed, self._trust)
         except SignatureError as exc:
             reason = "unknown_key" if manifest.key_id not in self._trust else "bad_signature"
+            if reason == "unknown_key":
+                self._seen.discard(key)
+                self._keep_for_new_keys(msg.topic, lambda: self._on_release(msg))
             self._reject(model, version, reason, exc.message, quiet)
             return
         if manifest.model != model or manifest.version != version:
@@ -308,6 +318,29 @@ class ReleaseManager:
         with self._lock:
             self._releases.setdefault(model, {})[version] = manifest
         self._jobs.put(model)
+
+    # -- key rotation ---------------------------------------------------------------------------
+    _MAX_UNKNOWN_KEY = 256
+
+    def _keep_for_new_keys(self, topic: str, replay: Callable[[], None]) -> None:
+        with self._lock:
+            self._unknown_key.pop(topic, None)
+            self._unknown_key[topic] = replay
+            while len(self._unknown_key) > self._MAX_UNKNOWN_KEY:
+                del self._unknown_key[next(iter(self._unknown_key))]
+
+    def _forget_unknown_key(self, topic: str) -> None:
+        if self._unknown_key:
+            with self._lock:
+                self._unknown_key.pop(topic, None)
+
+    def trust_changed(self) -> None:
+        """The trusted keys changed: check again what only an unknown key refused."""
+        with self._lock:
+            replays = list(self._unknown_key.values())
+            self._unknown_key.clear()
+        for replay in replays:
+            replay()
 
     def _rollback_allowed(self, model: str, version: int) -> bool:
         want = self.desired().get(model)

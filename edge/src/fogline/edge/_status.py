@@ -94,6 +94,8 @@ class AgentStatus(BaseModel):
     telemetry_queued: int
     http_url: str | None
     load_hints: dict[str, float]
+    key_set_version: int = 0  # 0: the configured keys; above: adopted from the cloud
+    trusted_keys: list[str] = []  # key ids
     at: float
 
 
@@ -114,6 +116,8 @@ def build_status(
     http_url: str | None,
     load_hints: dict[str, float],
     at: float,
+    key_set_version: int = 0,
+    trusted_keys: Collection[str] = (),
 ) -> AgentStatus:
     """Assemble one snapshot. ``telemetry_open``: the outbox may still be read (it is
     closed once the agent has stopped)."""
@@ -171,6 +175,8 @@ def build_status(
         telemetry_queued=len(telemetry.outbox) if telemetry and telemetry_open else 0,
         http_url=http_url,
         load_hints=load_hints,
+        key_set_version=key_set_version,
+        trusted_keys=list(trusted_keys),
         at=at,
     )
 

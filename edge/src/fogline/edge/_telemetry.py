@@ -39,9 +39,16 @@ _STOP_FLUSH_S = 2.0
 
 
 def offline_will(
-    topics: Topics, device_id: str, device_class: str, groups: list[str], at: float
+    topics: Topics,
+    device_id: str,
+    device_class: str,
+    groups: list[str],
+    at: float,
+    *,
+    key_set_version: int | None = None,
 ) -> Will:
-    """The last will: a retained ``offline`` state the broker publishes if we die."""
+    """The last will: a retained ``offline`` state the broker publishes if we die. It is
+    fixed at connect, so its ``key_set_version`` may lag a rotation adopted since."""
     state = DeviceState(
         device_id=device_id,
         status="offline",
@@ -49,6 +56,7 @@ def offline_will(
         device_class=device_class,
         groups=groups,
         agent_version=AGENT_VERSION,
+        key_set_version=key_set_version,
     )
     return Will(topic=topics.device_state(device_id), payload=encode(state), qos=1, retain=True)
 
@@ -161,11 +169,13 @@ class Telemetry:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._connect_pending = False
+        self._state_changed = False  # cleared before the state is built: no change is lost
         self._seq = 0
         self._thread: threading.Thread | None = None
         # The agent may hold back repeats (e.g. ``wrong_device_class`` for a model it
         # serves through the cloud): called with each event, False drops it.
         self.event_filter: Callable[[DeviceEvent], bool] | None = None
+        self.key_set_version: int | None = None  # reported in the retained state
         transport.add_connection_listener(self._on_connection)
 
     # -- public ---------------------------------------------------------------------------
@@ -246,6 +256,11 @@ class Telemetry:
                 self._connect_pending = True
                 self._wake.set()
 
+    def announce(self) -> None:
+        """Publish the retained online state again soon (it changed: a key rotation)."""
+        self._state_changed = True
+        self._wake.set()
+
     def heartbeat_now(self) -> Heartbeat:
         """Build and send one heartbeat (the thread does this every interval)."""
         hb = self._heartbeat(self._seq)
@@ -262,6 +277,7 @@ class Telemetry:
             device_class=self._device_class,
             groups=self._groups,
             agent_version=AGENT_VERSION,
+            key_set_version=self.key_set_version,
         )
 
     def _on_connection(self, up: bool) -> None:
@@ -275,6 +291,8 @@ class Telemetry:
         while not self._stop.is_set():
             if self._connect_pending and self._transport.connected:
                 self._announce_and_flush()
+            elif self._state_changed and self._transport.connected:
+                self._announce_state()
             now = time.monotonic()
             if now >= next_beat:
                 try:
@@ -301,7 +319,21 @@ class Telemetry:
                 )
                 self.outbox.remove(row_id)
 
+    def _announce_state(self) -> None:
+        self._state_changed = False
+        try:
+            self._transport.publish(
+                self._topics.device_state(self.device_id),
+                encode(self._state("online")),
+                qos=1,
+                retain=True,
+            )
+        except FoglineError as exc:
+            self._state_changed = True
+            log.warning("could not publish the online state (%s); will retry", exc)
+
     def _announce_and_flush(self) -> None:
+        self._state_changed = False
         try:
             self._transport.publish(
                 self._topics.device_state(self.device_id),

@@ -21,6 +21,7 @@ from ._errors import (
     InferenceInputError,
     InvalidIdError,
     InvalidModelError,
+    KeyRotationError,
     ModelError,
     NotConnectedError,
     ProtocolError,
@@ -53,12 +54,16 @@ from ._messages import (
     Heartbeat,
     InferenceRequest,
     InferenceResponse,
+    KeySet,
+    KeySignature,
     Message,
     ReleaseManifest,
     ReleaseVariant,
     SignedDesiredState,
+    SignedKeySet,
     SignedRelease,
     TensorSpec,
+    TrustChain,
 )
 from ._mqtt_loop import LoopGroup, sharing
 from ._mqtt_settings import MqttSettings, Will
@@ -81,6 +86,7 @@ from ._signing import (
 from ._tensors import DTYPES, MAX_TENSOR_BYTES, MAX_TENSOR_ELEMENTS, DType, Tensor
 from ._topics import DEFAULT_PREFIX, ParsedTopic, Topics
 from ._transport import MqttMessage, MqttTransport
+from ._trust_chain import TrustAdvance, TrustState, advance_trust, issue_key_set
 
 if TYPE_CHECKING:
     from ._devbroker import BrokerInfo, MosquittoBroker, development_broker
@@ -154,6 +160,9 @@ __all__ = [
     "InferenceResponse",
     "InvalidIdError",
     "InvalidModelError",
+    "KeyRotationError",
+    "KeySet",
+    "KeySignature",
     "LoopGroup",
     "Message",
     "ModelError",
@@ -172,6 +181,7 @@ __all__ = [
     "ReleaseVariant",
     "SignatureError",
     "SignedDesiredState",
+    "SignedKeySet",
     "SignedRelease",
     "SigningKey",
     "SubscribeError",
@@ -183,10 +193,14 @@ __all__ = [
     "Topics",
     "TrainingError",
     "TransportError",
+    "TrustAdvance",
+    "TrustChain",
+    "TrustState",
     "TrustStore",
     "UnknownDeviceError",
     "UnknownModelError",
     "Will",
+    "advance_trust",
     "broker_answers",
     "canonical_bytes",
     "config_error",
@@ -195,6 +209,7 @@ __all__ = [
     "development_broker",
     "encode",
     "free_port",
+    "issue_key_set",
     "load_settings",
     "read_toml",
     "sharing",

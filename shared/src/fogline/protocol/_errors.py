@@ -13,6 +13,7 @@ ever need to catch what is drawn here::
     │   ├── TopicError               a topic that does not parse
     │   └── TensorError              a tensor with a bad dtype, shape or size
     ├── SignatureError               a signature that does not verify, or an unknown key
+    ├── KeyRotationError             the cloud refused to rotate or retire a signing key
     ├── TransportError
     │   ├── BrokerUnavailableError   the broker cannot be reached
     │   ├── NotConnectedError        an operation needing a connection had none
@@ -50,6 +51,7 @@ __all__ = [
     "InferenceInputError",
     "InvalidIdError",
     "InvalidModelError",
+    "KeyRotationError",
     "ModelError",
     "NotConnectedError",
     "ProtocolError",
@@ -107,6 +109,10 @@ class TensorError(ProtocolError):
 
 class SignatureError(FoglineError):
     code = "signature_error"
+
+
+class KeyRotationError(FoglineError):
+    code = "key_rotation_error"
 
 
 class TransportError(FoglineError):

@@ -31,14 +31,18 @@ __all__ = [
     "Heartbeat",
     "InferenceRequest",
     "InferenceResponse",
+    "KeySet",
+    "KeySignature",
     "Message",
     "ReleaseManifest",
     "ReleaseVariant",
     "ReplyTopic",
     "Sha256",
     "SignedDesiredState",
+    "SignedKeySet",
     "SignedRelease",
     "TensorSpec",
+    "TrustChain",
 ]
 
 MAX_CHUNK_SIZE = 1 << 20  # 1 MiB
@@ -188,6 +192,52 @@ class SignedDesiredState(Message):
     signature: Annotated[bytes, Field(min_length=64, max_length=64)]
 
 
+# -- signing keys ------------------------------------------------------------------------------
+
+_PUBLIC_KEY_TEXT = re.compile(r"ed25519:[A-Za-z0-9+/]{43}=")
+
+
+def _public_key_text(value: str) -> str:
+    if not _PUBLIC_KEY_TEXT.fullmatch(value):
+        raise ValueError("must be an ed25519 public key as 'ed25519:<base64 of 32 bytes>'")
+    return value
+
+
+PublicKeyText = Annotated[str, AfterValidator(_public_key_text)]
+
+
+class KeySet(Message):
+    """The cloud keys agents trust from ``version`` on. An agent's configured keys are
+    version 0; see :mod:`fogline.protocol._trust_chain` for how a set is adopted."""
+
+    message_type: ClassVar[str] = "key_set"
+
+    version: Version
+    issued_at: Timestamp
+    keys: Annotated[list[PublicKeyText], Field(min_length=1, max_length=16)]
+
+
+class KeySignature(_Strict):
+    key_id: Identifier
+    signature: Annotated[bytes, Field(min_length=64, max_length=64)]
+
+
+class SignedKeySet(Message):
+    message_type: ClassVar[str] = "signed_key_set"
+
+    key_set: KeySet
+    signatures: Annotated[list[KeySignature], Field(min_length=1, max_length=16)]
+
+
+class TrustChain(Message):
+    """Every key set the cloud has issued, oldest first: retained on the fleet keys
+    topic, so an agent that missed some rotations still walks to the newest set."""
+
+    message_type: ClassVar[str] = "trust_chain"
+
+    links: Annotated[list[SignedKeySet], Field(min_length=1, max_length=1024)]
+
+
 # -- device reporting --------------------------------------------------------------------------
 
 
@@ -202,6 +252,8 @@ class DeviceState(Message):
     device_class: Identifier | None = None
     groups: Annotated[list[Identifier], Field(max_length=32)] = []
     agent_version: Annotated[str, Field(max_length=64)] = ""
+    # The key set the agent trusts (0: its configured keys); None from older agents.
+    key_set_version: Count | None = None
 
 
 class Heartbeat(Message):
@@ -241,6 +293,8 @@ EventKind = Literal[
     "release_rejected",
     "rollback",
     "desired_rejected",
+    "keys_updated",
+    "keys_rejected",
     "agent_started",
     "agent_stopping",
 ]

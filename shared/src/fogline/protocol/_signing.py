@@ -247,6 +247,14 @@ class TrustStore:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def keys(self) -> list[PublicKey]:
+        return list(self._keys.values())
+
+    def replace(self, keys: Iterable[PublicKey]) -> None:
+        """Trust exactly ``keys`` from now on (a key rotation). One reference swap, so
+        a verification running on another thread sees the old set or the new one."""
+        self._keys = {k.key_id: k for k in keys}
+
     def verify(self, key_id: str, signature: bytes, data: bytes) -> None:
         key = self._keys.get(key_id)
         if key is None:

@@ -22,6 +22,7 @@ TopicKind = Literal[
     "artifact_get",
     "artifact_chunks",
     "fleet_desired",
+    "fleet_keys",
     "group_desired",
     "device_desired",
     "device_state",
@@ -103,6 +104,10 @@ class Topics:
     def fleet_desired(self) -> str:
         return f"{self.prefix}/fleet/desired"
 
+    def fleet_keys(self) -> str:
+        """The retained :class:`~fogline.protocol.TrustChain` of cloud signing keys."""
+        return f"{self.prefix}/fleet/keys"
+
     def group_desired(self, group: str) -> str:
         return f"{self.prefix}/groups/{validate_id(group, 'group')}/desired"
 
@@ -170,6 +175,8 @@ class Topics:
                 return ParsedTopic("artifact_chunks", sha256=_check_sha256(sha))
             case ["fleet", "desired"]:
                 return ParsedTopic("fleet_desired")
+            case ["fleet", "keys"]:
+                return ParsedTopic("fleet_keys")
             case ["groups", group, "desired"]:
                 return ParsedTopic("group_desired", group=validate_id(group, "group"))
             case ["devices", device_id, "desired"]:

@@ -8,8 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
-from fogline.protocol import ConfigError, TrustStore
+from fogline.protocol import ConfigError
 
+from .._keyring import KeyRing
 from .._manifest import parse_scope
 from .._pipeline import import_model
 from .._publisher import PublishResult, load_signing_key, publish_release
@@ -202,7 +203,7 @@ def publish(
                         scope,
                         record.assignments,
                         topics=settings.topics,
-                        trust=TrustStore([key.public_key]),
+                        trust=KeyRing(settings.data_dir).trust(),
                     )
                     watch = stack.enter_context(RolloutWatch(transport, tracker))
                     watch.settle()  # the retained device states first: who is in the scope

@@ -16,10 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from fogline.protocol import MqttTransport, SigningKey, TrustStore, validate_id
+from fogline.protocol import MqttTransport, TrustStore, validate_id
 
 from .._artifacts import ArtifactService
 from .._config import CloudSettings
+from .._keyring import KeyRing
 from .._registry import ModelRecord, Registry
 from ..fleet import (
     FleetMonitor,
@@ -198,14 +199,21 @@ def _start_serving(
     services._started("InferenceBridge", bridge.close)
     followed = [name for name, is_pinned in pinned.items() if not is_pinned]
     if follow and followed:
-        key_path = settings.key_path
+        keyring = KeyRing(settings.data_dir)
 
         def trust() -> TrustStore:
-            return TrustStore([SigningKey.load(key_path).public_key])
+            return keyring.trust()
 
         follower = ReleaseFollower(
-            transport, services.registry, bridge, services.deployed, followed, trust,
-            topics=settings.topics, options=options, instance=instance,
+            transport,
+            services.registry,
+            bridge,
+            services.deployed,
+            followed,
+            trust,
+            topics=settings.topics,
+            options=options,
+            instance=instance,
         )
         follower.start()
         services.follower = follower
@@ -246,8 +254,11 @@ def _start_fleet(
     services._started("FleetMonitor", close_fleet)
     if port:
         web = FleetWebServer(
-            store, settings.serve.metrics_host, port,
-            thresholds=tuning.thresholds, stats=monitor.stats,
+            store,
+            settings.serve.metrics_host,
+            port,
+            thresholds=tuning.thresholds,
+            stats=monitor.stats,
         )
         web.start()
         services.web = web
