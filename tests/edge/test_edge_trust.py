@@ -12,10 +12,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from _release_kit import ArtifactServer, Observer, ReleaseKit, build_model, publish
 
 from fogline.edge import Agent
+from fogline.edge._status import STATUS_FILE
 from fogline.edge._trust import TRUST_FILE, TrustKeeper
+from fogline.edge.cli import main as cli_main
 from fogline.protocol import SigningKey, TrustChain, encode, issue_key_set
 
 
@@ -32,6 +35,7 @@ def test_a_rotation_is_adopted_persisted_and_reported(
     agent_factory: Callable[..., Agent],
     observer_factory: Callable[..., Observer],
     tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     obs = observer_factory()
     agent = agent_factory()
@@ -54,6 +58,11 @@ def test_a_rotation_is_adopted_persisted_and_reported(
     obs.wait_for(lambda: [s for s in obs.states() if s.key_set_version == 2])
     saved = json.loads((tmp_path / "dev-1" / TRUST_FILE).read_text())
     assert saved["version"] == 2 and saved["keys"] == [new.public_key.to_text()]
+    status_file = tmp_path / "dev-1" / STATUS_FILE
+    obs.wait_for(lambda: '"key_set_version": 2' in status_file.read_text())
+    capsys.readouterr()
+    assert cli_main(["status", "--data-dir", str(tmp_path / "dev-1")]) == 0
+    assert f"trusts     key set 2 ({new.key_id})" in capsys.readouterr().out
 
     # The old key signs nothing any more, even after a restart with the old config.
     agent.stop()

@@ -139,6 +139,12 @@ def _cloud(status: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _keys(status: dict[str, Any]) -> str:
+    version = status.get("key_set_version", 0)
+    keys = ", ".join(status.get("trusted_keys", [])) or "none"
+    return f"key set {version} ({keys})" if version else f"configured ({keys})"
+
+
 def _status(args: argparse.Namespace) -> int:
     if args.data_dir is not None:
         data_dir = Path(args.data_dir)
@@ -170,6 +176,7 @@ def _status(args: argparse.Namespace) -> int:
         ("ran on", _where(status)),
         ("budget", _budget(status)),
         ("cloud", _cloud(status)),
+        ("trusts", _keys(status)),
         (
             "in flight",
             f"{status['in_flight']} / {status['max_in_flight']}, queue {status['queue_depth']}",
