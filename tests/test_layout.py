@@ -110,6 +110,15 @@ PROTOCOL_API = [
     "validate_settings",
     "verify_desired",
     "verify_release",
+    "KeyRotationError",
+    "KeySet",
+    "KeySignature",
+    "SignedKeySet",
+    "TrustAdvance",
+    "TrustChain",
+    "TrustState",
+    "advance_trust",
+    "issue_key_set",
 ]
 
 

@@ -319,28 +319,25 @@ class Telemetry:
                 )
                 self.outbox.remove(row_id)
 
+    def _publish_online(self) -> None:
+        self._state_changed = False  # before the state is built: a later change re-sets it
+        self._transport.publish(
+            self._topics.device_state(self.device_id),
+            encode(self._state("online")),
+            qos=1,
+            retain=True,
+        )
+
     def _announce_state(self) -> None:
-        self._state_changed = False
         try:
-            self._transport.publish(
-                self._topics.device_state(self.device_id),
-                encode(self._state("online")),
-                qos=1,
-                retain=True,
-            )
+            self._publish_online()
         except FoglineError as exc:
             self._state_changed = True
             log.warning("could not publish the online state (%s); will retry", exc)
 
     def _announce_and_flush(self) -> None:
-        self._state_changed = False
         try:
-            self._transport.publish(
-                self._topics.device_state(self.device_id),
-                encode(self._state("online")),
-                qos=1,
-                retain=True,
-            )
+            self._publish_online()
             self._flush(None)
             with self._send_lock:
                 if len(self.outbox) == 0:

@@ -97,12 +97,16 @@ def _publish(settings: CloudSettings, ring: KeyRing, what: str) -> TrustPublishR
         transport.close()
 
 
-def _change_summary(change: KeySetChange, published: TrustPublishResult | None) -> dict[str, Any]:
+def _finish(
+    settings: CloudSettings, ring: KeyRing, change: KeySetChange, *, publish: bool
+) -> dict[str, Any]:
+    """Publish a change made on disk (unless told not to) and summarise both."""
+    published = _publish(settings, ring, f"key set {change.version}") if publish else None
     return {
         "key_set_version": change.version,
         "active_key_id": change.active_key_id,
         "retired_key_id": change.retired_key_id,
-        "trusted_keys": [t for t in change.link.key_set.keys],
+        "trusted_keys": list(change.link.key_set.keys),
         "published": published is not None,
         "resigned_releases": published.releases if published else [],
         "resigned_desired": published.desired_topics if published else [],
@@ -146,8 +150,7 @@ def rotate(
         settings = settings_from(config, data_dir, broker)
         ring = KeyRing(settings.data_dir)
         change = ring.rotate()
-        published = None if no_publish else _publish(settings, ring, f"key set {change.version}")
-    summary = _change_summary(change, published)
+        summary = _finish(settings, ring, change, publish=not no_publish)
     emit_json(summary) if as_json else _print_change(summary)
 
 
@@ -184,8 +187,7 @@ def retire(
                     "wait for them (`fogline keys status`) or pass --force"
                 )
         change = ring.retire(key_id)
-        published = None if no_publish else _publish(settings, ring, f"key set {change.version}")
-    summary = _change_summary(change, published)
+        summary = _finish(settings, ring, change, publish=not no_publish)
     emit_json(summary) if as_json else _print_change(summary)
 
 
