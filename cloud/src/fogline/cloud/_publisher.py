@@ -156,16 +156,17 @@ def publish_trust(
         steps = _resigned_steps(registry, record, key, topics, released, chunk_size, ttl_s)
         _publish_retained(transport, steps, timeout)
         desired_topics.append(_desired_topic(topics, (record.scope, record.target)))
+    version = 0 if chain is None else chain.links[-1].key_set.version
     log.info(
         "trust chain v%d published; %d releases and %d desired states signed by %s",
-        keyring.current().version,
+        version,
         len(released),
         len(desired_topics),
         key.key_id,
     )
     return TrustPublishResult(
         chain_topic,
-        keyring.current().version,
+        version,
         [f"{m}:{v}" for m, v in sorted(released)],
         desired_topics,
     )
